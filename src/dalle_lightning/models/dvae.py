@@ -1,0 +1,291 @@
+"""Discrete VAE, stage 1 of DALL-E (Ramesh et al., 2021, sec. 2.1 and appendix A).
+
+The architecture is the official one (openai/DALL-E `dall_e/encoder.py`, `decoder.py`), with
+every size configurable and state_dict keys that mirror the official layout
+(`encoder.blocks.group_1.block_1.res_path.conv_1.weight`, ...), so the official weights load
+through `convert_openai.py`.
+
+Shape legend:
+    B batch, C image channels (3), H = W = image_size,
+    K vocab_size (codebook), h = w = grid_size = H / 2**(group_count - 1).
+
+Pixels are modelled with the logit-Laplace distribution (paper sec. A.3): the encoder sees
+x mapped to [eps, 1 - eps], and the decoder outputs, per channel, the location mu (first C
+channels) and log-scale ln b (last C channels) of that distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle_lightning.config import ConfigError, require, require_int
+
+LOGIT_LAPLACE_EPS = 0.1  # paper sec. A.3
+
+
+def map_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
+    """[0, 1] -> [eps, 1 - eps], the support the logit-Laplace likelihood is evaluated on."""
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
+    return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class DVAEConfig:
+    """Sizes of the dVAE. Paper: 256 px, n_hid 256, n_init 128, vocab 8192, 4 groups of 2."""
+
+    image_size: int = 64
+    input_channels: int = 3
+    vocab_size: int = 512
+    n_hid: int = 32
+    n_init: int = 32
+    group_count: int = 3
+    n_blk_per_group: int = 1
+
+    def __post_init__(self) -> None:
+        require_int("image_size", self.image_size, 8)
+        require_int("input_channels", self.input_channels, 1)
+        require_int("vocab_size", self.vocab_size, 2)
+        require_int("n_init", self.n_init, 1)
+        require_int("n_blk_per_group", self.n_blk_per_group, 1)
+        require_int("group_count", self.group_count, 1)
+        # The bottleneck width is n_out / 4 (paper sec. A.1), so n_hid must give whole channels.
+        require_int("n_hid", self.n_hid, 4)
+        require(
+            self.n_hid % 4 == 0, "n_hid", self.n_hid, "a multiple of 4 (bottleneck width n_hid/4)"
+        )
+        factor = self.downsample
+        require(
+            self.image_size % factor == 0,
+            "image_size",
+            self.image_size,
+            f"a multiple of {factor} (= 2**(group_count-1) with group_count={self.group_count}),"
+            f" e.g. {max(factor, round(self.image_size / factor) * factor)}",
+        )
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.group_count - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def n_layers(self) -> int:
+        return self.group_count * self.n_blk_per_group
+
+
+def gumbel_softmax(logits: Tensor, tau: float, hard: bool = False, dim: int = 1) -> Tensor:
+    """softmax((logits + g) / tau) with g ~ Gumbel(0, 1), i.i.d.; straight-through if `hard`.
+
+    Same distribution as `F.gumbel_softmax`, whose `exponential_` sampler is ~4x slower on CPU
+    (it dominated the dVAE step at 64 px); g = -log(-log u) with u ~ U(0, 1) instead.
+    """
+    tiny = torch.finfo(logits.dtype).tiny
+    u = torch.empty_like(logits).uniform_(tiny, 1.0)
+    gumbels = -torch.log((-torch.log(u)).clamp_min(tiny))
+    soft = torch.softmax((logits + gumbels) / tau, dim=dim)
+    if not hard:
+        return soft
+    index = soft.argmax(dim, keepdim=True)
+    one_hot = torch.zeros_like(soft).scatter_(dim, index, 1.0)
+    return one_hot - soft.detach() + soft
+
+
+class DVAEOutput(NamedTuple):
+    """What `DVAE.forward` always returns."""
+
+    logits: Tensor  # (B, K, h, w) logits of q_phi(z | x)
+    z: Tensor  # (B, K, h, w) relaxed one-hot sample (Gumbel-softmax at temperature tau)
+    stats: Tensor  # (B, 2C, H, W) logit-Laplace mu (first C) and ln b (last C)
+    reconstruction: Tensor  # (B, C, H, W) in [0, 1], the mean image given z
+
+
+class ResBlock(nn.Module):
+    """Bottleneck residual block: id_path(x) + post_gain * res_path(x) (paper sec. A.1).
+
+    The encoder's residual path uses kernels (3, 3, 3, 1), the decoder's (1, 3, 3, 3).
+    post_gain = 1 / n_layers**2 keeps the sum of residuals near identity at init.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / n_layers**2
+        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        widths = [n_in, n_hid, n_hid, n_hid, n_out]
+        layers = OrderedDict()
+        for i, k in enumerate(kernels):
+            layers[f"relu_{i + 1}"] = nn.ReLU()
+            layers[f"conv_{i + 1}"] = nn.Conv2d(widths[i], widths[i + 1], k, padding=(k - 1) // 2)
+        self.res_path = nn.Sequential(layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+def _group(blocks: list[nn.Module], resample: nn.Module | None) -> nn.Sequential:
+    layers = OrderedDict((f"block_{i + 1}", blk) for i, blk in enumerate(blocks))
+    if resample is not None:
+        layers["pool" if isinstance(resample, nn.MaxPool2d) else "upsample"] = resample
+    return nn.Sequential(layers)
+
+
+class Encoder(nn.Module):
+    """x (B, C, H, W) mapped to [eps, 1-eps] -> logits (B, K, h, w)."""
+
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        G, n = cfg.group_count, cfg.n_hid
+        layers = OrderedDict(input=nn.Conv2d(cfg.input_channels, n, 7, padding=3))
+        n_in = n
+        for g in range(G):
+            n_out = 2**g * n  # widths 1, 2, 4, 8 x n_hid
+            blocks = [
+                ResBlock(n_in if i == 0 else n_out, n_out, cfg.n_layers, (3, 3, 3, 1))
+                for i in range(cfg.n_blk_per_group)
+            ]
+            layers[f"group_{g + 1}"] = _group(blocks, nn.MaxPool2d(2) if g < G - 1 else None)
+            n_in = n_out
+        layers["output"] = nn.Sequential(
+            OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, cfg.vocab_size, 1))
+        )
+        self.blocks = nn.Sequential(layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(x)
+
+
+class Decoder(nn.Module):
+    """z (B, K, h, w), one-hot or relaxed -> stats (B, 2C, H, W)."""
+
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        G, n = cfg.group_count, cfg.n_hid
+        layers = OrderedDict(input=nn.Conv2d(cfg.vocab_size, cfg.n_init, 1))
+        n_in = cfg.n_init
+        for g in range(G):
+            n_out = 2 ** (G - 1 - g) * n  # widths 8, 4, 2, 1 x n_hid
+            blocks = [
+                ResBlock(n_in if i == 0 else n_out, n_out, cfg.n_layers, (1, 3, 3, 3))
+                for i in range(cfg.n_blk_per_group)
+            ]
+            upsample = nn.Upsample(scale_factor=2, mode="nearest") if g < G - 1 else None
+            layers[f"group_{g + 1}"] = _group(blocks, upsample)
+            n_in = n_out
+        layers["output"] = nn.Sequential(
+            OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, 2 * cfg.input_channels, 1))
+        )
+        self.blocks = nn.Sequential(layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.blocks(z)
+
+
+class DVAE(nn.Module):
+    """Encoder q_phi(z|x) and decoder p_theta(x|z) over a grid of `vocab_size`-way codes."""
+
+    def __init__(self, config: DVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Conv weights ~ N(0, 1/sqrt(fan_in)), zero bias, as in openai/DALL-E `utils.Conv2d`."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+                nn.init.normal_(m.weight, std=1 / math.sqrt(fan_in))
+                nn.init.zeros_(m.bias)
+
+    # image tokenizer interface (used by the prior and by evaluation)
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.config.grid_size
+
+    def logits(self, images: Tensor) -> Tensor:
+        """images (B, C, H, W) in [0, 1] -> logits (B, K, h, w)."""
+        return self.encoder(map_pixels(images))
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images (B, C, H, W) in [0, 1] -> codes (B, h, w) long: argmax, no Gumbel noise."""
+        return self.logits(images).argmax(dim=1)
+
+    def decode_stats(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    @staticmethod
+    def mean_image(stats: Tensor, clamp: bool = True) -> Tensor:
+        """The image the decoder predicts: unmap(sigmoid(mu)), clamped to [0, 1] by default.
+
+        Unclamped, values lie in [-eps, 1 + eps] / (1 - 2 eps) and keep their gradient where
+        the clamp would cut it (the `mse` loss needs that for pixels predicted below 0).
+        """
+        channels = stats.shape[1] // 2
+        mean = torch.sigmoid(stats[:, :channels])
+        if clamp:
+            return unmap_pixels(mean)
+        return (mean - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes (B, h, w) long -> images (B, C, H, W) in [0, 1]."""
+        z = F.one_hot(codes, self.config.vocab_size).permute(0, 3, 1, 2)  # (B, K, h, w)
+        dtype = self.decoder.blocks.input.weight.dtype
+        return self.mean_image(self.decoder(z.to(dtype)))
+
+    def forward(self, images: Tensor, tau: float = 1.0, hard: bool = False) -> DVAEOutput:
+        """Gumbel-softmax relaxation of q_phi(z|x) at temperature tau (paper sec. 2.1)."""
+        logits = self.logits(images)
+        z = gumbel_softmax(logits, tau, hard)
+        stats = self.decoder(z)
+        return DVAEOutput(logits, z, stats, self.mean_image(stats))
+
+    # checkpoints
+    def export(self) -> dict:
+        """The minimal, weights_only-loadable form `from_checkpoint` reads."""
+        return {"dvae_config": asdict(self.config), "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DVAE:
+        """Rebuild from a training checkpoint (Lightning) or an `export()`ed file alone."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"dVAE checkpoint not found: {path}")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # truncated or not a torch file
+            raise RuntimeError(f"cannot read dVAE checkpoint {path}: {err}") from err
+        if not isinstance(ckpt, dict) or "dvae_config" not in ckpt or "state_dict" not in ckpt:
+            raise RuntimeError(
+                f"{path} is not a dVAE checkpoint (no 'dvae_config'/'state_dict'); "
+                "train one with `python train.py model=dvae` or convert the official weights "
+                "with `python -m dalle_lightning.models.convert_openai`"
+            )
+        try:
+            model = cls(DVAEConfig(**ckpt["dvae_config"]))
+        except ConfigError as err:
+            raise RuntimeError(f"{path}: stored dVAE config is invalid: {err}") from err
+        state = ckpt["state_dict"]
+        if any(k.startswith("net.") for k in state):  # a LightningModule's checkpoint
+            state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+        model.load_state_dict(state, strict=True)
+        return model.eval()
