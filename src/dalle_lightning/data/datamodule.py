@@ -1,0 +1,102 @@
+"""LightningDataModules: the image-caption batch format every stage reads.
+
+Batch: {"image": (B, 3, S, S) float in [0, 1], "caption": list[str], "record": list[dict]}.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from dalle_lightning.config import ConfigError, require_int
+from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset
+
+
+def collate_image_text(items: list[dict]) -> dict:
+    """Stack images; keep captions and attribute records as lists (records vary in shape)."""
+    batch = {"image": torch.stack([it["image"] for it in items])}
+    for key in items[0]:
+        if key != "image":
+            batch[key] = [it[key] for it in items]
+    return batch
+
+
+class ImageTextDataModule(LightningDataModule):
+    """Loaders over per-split datasets that a subclass builds in `build_datasets`."""
+
+    def __init__(self, batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0):
+        super().__init__()
+        require_int("batch_size", batch_size, 1)
+        require_int("num_workers", num_workers, 0)
+        if eval_batch_size is not None:
+            require_int("eval_batch_size", eval_batch_size, 1)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.datasets: dict[str, Dataset] = {}
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.datasets:
+            self.datasets = self.build_datasets()
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_image_text,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def split_dataloader(self, split: str) -> DataLoader:
+        """Any split by name (e.g. 'heldout'), in a fixed order."""
+        return self._loader(split)
+
+
+class ShapesDataModule(ImageTextDataModule):
+    """The built-in captioned shapes (no files, no download); see `shapes.py`."""
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        seed: int = 0,
+        heldout_fraction: float = 0.15,
+        two_object_prob: float = 0.5,
+        size_mention_prob: float = 0.7,
+        num_train: int = 50_000,
+        num_val: int = 512,
+        num_test: int = 512,
+        num_heldout: int = 512,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        try:
+            self.config = ShapesConfig(
+                image_size, seed, heldout_fraction, two_object_prob, size_mention_prob
+            )
+        except ConfigError as err:
+            raise err.at("dataset") from None
+        self.lengths = {"train": num_train, "val": num_val, "test": num_test, "heldout": num_heldout}
+        for split, n in self.lengths.items():
+            require_int(f"num_{split}", n, 1)
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        return {split: ShapesDataset(self.config, split, n) for split, n in self.lengths.items()}
