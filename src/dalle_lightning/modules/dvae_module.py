@@ -1,0 +1,202 @@
+"""Training of the dVAE, stage 1 of DALL-E (Ramesh et al., 2021, sec. 2.1, A.2, A.3).
+
+Objective per image (the negative ELB with the KL weight beta):
+    loss = [ NLL(x | z) + beta * KL(q_phi(z|x) || uniform) ] / (C * H * W)
+with z a Gumbel-softmax relaxation of q_phi(z|x) at temperature tau. Dividing by the number
+of subpixels makes the effective KL weight beta / 192 at 256 px, as in the paper.
+
+Schedules (pure functions of the global step, so a resumed run continues them exactly):
+beta 0 -> beta over `kl_warmup_steps`, tau 1 -> 1/16 over `temp_anneal_steps`, learning rate
+cosine from its initial value to `lr_final_ratio` of it over `lr_decay_steps`.
+
+Validation uses hard (argmax) codes, the way the prior and generation will use the dVAE, and
+the final beta, so val/loss is comparable across steps and runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torchmetrics.image import PeakSignalNoiseRatio
+from torchvision.utils import make_grid, save_image
+
+from dalle_lightning.config import ConfigError, require_choice, require_float, require_int
+from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.modules.losses import kl_to_uniform, logit_laplace_nll, mse_nll
+from dalle_lightning.modules.schedules import cosine_anneal
+
+RECON_LOSSES = ("logit_laplace", "mse")
+
+
+class DVAEModule(LightningModule):
+    def __init__(
+        self,
+        net: dict,
+        optimizer: Callable | None = None,
+        beta: float = 6.6,
+        kl_warmup_steps: int = 5000,
+        tau_start: float = 1.0,
+        tau_end: float = 1 / 16,
+        temp_anneal_steps: int = 150_000,
+        lr_final_ratio: float = 0.0125,
+        lr_decay_steps: int | None = None,
+        recon_loss: str = "logit_laplace",
+        mse_sigma: float = 0.1,
+        num_logged_images: int = 8,
+    ):
+        super().__init__()
+        require_float("model.beta", beta, 0.0)
+        require_int("model.kl_warmup_steps", kl_warmup_steps, 0)
+        require_float("model.tau_start", tau_start, 1e-4)
+        require_float("model.tau_end", tau_end, 1e-4)
+        require_int("model.temp_anneal_steps", temp_anneal_steps, 0)
+        require_float("model.lr_final_ratio", lr_final_ratio, 0.0, 1.0)
+        if lr_decay_steps is not None:
+            require_int("model.lr_decay_steps", lr_decay_steps, 1)
+        require_choice("model.recon_loss", recon_loss, RECON_LOSSES)
+        require_float("model.mse_sigma", mse_sigma, 1e-6)
+        require_int("model.num_logged_images", num_logged_images, 0)
+        try:
+            config = DVAEConfig(**net)
+        except ConfigError as err:
+            raise err.at("model.net") from None
+        except TypeError as err:  # an unknown key in model.net
+            raise ConfigError(
+                "model.net", dict(net), f"fields of DVAEConfig only ({err})"
+            ) from None
+        # the partial optimizer is code, not a hyperparameter; it lives in the Hydra config
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.net = DVAE(config)
+        self.optimizer = optimizer
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.test_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self._code_counts: Tensor | None = None
+        self._logged_batch: Tensor | None = None
+
+    # schedules -----------------------------------------------------------------------------
+    def beta_at(self, step: int) -> float:
+        return cosine_anneal(step, 0.0, self.hparams.beta, self.hparams.kl_warmup_steps)
+
+    def tau_at(self, step: int) -> float:
+        hp = self.hparams
+        return cosine_anneal(step, hp.tau_start, hp.tau_end, hp.temp_anneal_steps)
+
+    # objective -----------------------------------------------------------------------------
+    def _terms(self, stats: Tensor, logits: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Reconstruction NLL and KL, both per image and per subpixel: (B,), (B,)."""
+        if self.hparams.recon_loss == "logit_laplace":
+            nll = logit_laplace_nll(stats, images)
+        else:
+            nll = mse_nll(DVAE.mean_image(stats, clamp=False), images, self.hparams.mse_sigma)
+        subpixels = images[0].numel()  # C * H * W
+        return nll / subpixels, kl_to_uniform(logits) / subpixels
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images = batch["image"]
+        step = self.global_step
+        tau, beta = self.tau_at(step), self.beta_at(step)
+        out = self.net(images, tau=tau)
+        nll, kl = self._terms(out.stats, out.logits, images)
+        loss = (nll + beta * kl).mean()
+        self.log_dict(
+            {"train/loss": loss, "train/nll": nll.mean(), "train/kl": kl.mean()},
+            prog_bar=False,
+        )
+        self.log_dict({"train/tau": tau, "train/beta": beta})
+        return loss
+
+    def _eval_step(self, images: Tensor, psnr: PeakSignalNoiseRatio, stage: str) -> Tensor:
+        logits = self.net.logits(images)
+        codes = logits.argmax(1)  # (B, h, w)
+        z = F.one_hot(codes, self.net.vocab_size).permute(0, 3, 1, 2).to(logits.dtype)
+        stats = self.net.decode_stats(z)
+        reconstruction = DVAE.mean_image(stats)
+        nll, kl = self._terms(stats, logits, images)
+        loss = (nll + self.hparams.beta * kl).mean()
+        psnr.update(reconstruction.float(), images.float())
+        counts = torch.bincount(codes.flatten(), minlength=self.net.vocab_size)
+        self._code_counts = counts if self._code_counts is None else self._code_counts + counts
+        batch_size = images.shape[0]
+        self.log_dict(
+            {f"{stage}/loss": loss, f"{stage}/nll": nll.mean(), f"{stage}/kl": kl.mean()},
+            batch_size=batch_size,
+            sync_dist=True,
+            prog_bar=stage == "val",
+        )
+        self.log(f"{stage}/psnr", psnr, batch_size=batch_size, prog_bar=stage == "val")
+        return reconstruction
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        reconstruction = self._eval_step(batch["image"], self.val_psnr, "val")
+        if batch_idx == 0 and self.hparams.num_logged_images:
+            n = self.hparams.num_logged_images
+            self._logged_batch = torch.cat([batch["image"][:n], reconstruction[:n]]).detach()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch["image"], self.test_psnr, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_codebook_usage("val")
+        if self._logged_batch is not None and not self.trainer.sanity_checking:
+            self._log_reconstructions(self._logged_batch)
+        self._logged_batch = None
+
+    def on_test_epoch_end(self) -> None:
+        self._log_codebook_usage("test")
+
+    def _log_codebook_usage(self, stage: str) -> None:
+        """Perplexity exp(H(p)) of the code histogram over the epoch, and the fraction used."""
+        if self._code_counts is None:
+            return
+        counts = self.trainer.strategy.reduce(self._code_counts.float(), reduce_op="sum")
+        self._code_counts = None
+        p = counts / counts.sum().clamp_min(1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum()
+        self.log(f"{stage}/codebook_perplexity", entropy.exp())
+        self.log(f"{stage}/codebook_used", (counts > 0).float().mean())
+
+    @rank_zero_only
+    def _log_reconstructions(self, pairs: Tensor) -> None:
+        """Originals (top row) vs reconstructions from hard codes (bottom row)."""
+        n = pairs.shape[0] // 2
+        grid = make_grid(pairs.float().clamp(0, 1).cpu(), nrow=n, padding=2, pad_value=0.5)
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/reconstructions", grid, self.global_step)
+        out_dir = Path(self.trainer.default_root_dir) / "reconstructions"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_image(grid, out_dir / f"step_{self.global_step:07d}.png")
+
+    # optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = self.trainer.model.parameters()
+        optimizer = (
+            self.optimizer(params) if self.optimizer is not None else torch.optim.AdamW(params)
+        )
+        decay_steps = self.hparams.lr_decay_steps or self.trainer.max_steps
+        if decay_steps is None or decay_steps <= 0:
+            raise ConfigError(
+                "model.lr_decay_steps",
+                self.hparams.lr_decay_steps,
+                "an integer >= 1, or null with trainer.max_steps > 0",
+            )
+        ratio = self.hparams.lr_final_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_anneal(step, 1.0, ratio, decay_steps)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # lets `DVAE.from_checkpoint` rebuild the model from this file alone
+        checkpoint["dvae_config"] = asdict(self.net.config)

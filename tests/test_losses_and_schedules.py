@@ -1,0 +1,82 @@
+"""The dVAE objective terms against direct formulas, and the schedules at known steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Categorical, kl_divergence
+
+from dalle_lightning.modules.dvae_module import DVAEModule
+from dalle_lightning.modules.losses import kl_to_uniform, logit_laplace_nll, mse_nll
+from dalle_lightning.modules.schedules import cosine_anneal
+
+NET = dict(image_size=32, vocab_size=64, n_hid=16, n_init=8, group_count=3, n_blk_per_group=1)
+
+
+def test_logit_laplace_nll_matches_the_density_formula():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    stats = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    mu, b = stats[:, :3], stats[:, 3:].exp()
+    x = 0.8 * images + 0.1  # pixel mapping with eps = 0.1
+    # f(x | mu, b) = 1 / (2 b x (1 - x)) exp(-|logit(x) - mu| / b)   (paper sec. A.3)
+    density = torch.exp(-(torch.logit(x) - mu).abs() / b) / (2 * b * x * (1 - x))
+    expected = -density.log().flatten(1).sum(1)
+    assert torch.allclose(logit_laplace_nll(stats, images), expected, rtol=1e-10)
+
+
+def test_logit_laplace_density_integrates_to_one():
+    mu, log_b = 0.3, math.log(0.7)
+    x = torch.linspace(1e-6, 1 - 1e-6, 2_000_001, dtype=torch.float64)
+    stats = (
+        torch.tensor([mu, log_b], dtype=torch.float64).view(1, 2, 1, 1).expand(x.numel(), 2, 1, 1)
+    )
+    images = ((x - 0.1) / 0.8).view(-1, 1, 1, 1)  # so that the mapped pixel is x
+    density = torch.exp(-logit_laplace_nll(stats, images))
+    assert torch.trapezoid(density, x).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_kl_to_uniform_matches_torch_distributions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 16, 3, 3)
+    q = Categorical(logits=logits.permute(0, 2, 3, 1))
+    uniform = Categorical(logits=torch.zeros(2, 3, 3, 16))
+    expected = kl_divergence(q, uniform).flatten(1).sum(1)
+    assert torch.allclose(kl_to_uniform(logits), expected, atol=1e-5)
+    assert torch.allclose(kl_to_uniform(torch.zeros(1, 16, 2, 2)), torch.zeros(1), atol=1e-5)
+
+
+def test_mse_nll_is_scaled_squared_error():
+    a, b = torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5)
+    assert mse_nll(a, b, sigma=0.5).item() == pytest.approx(12 * 0.25 / 0.5)
+
+
+def test_cosine_anneal_at_known_steps():
+    assert cosine_anneal(0, 1.0, 1 / 16, 100) == 1.0
+    assert cosine_anneal(50, 1.0, 1 / 16, 100) == pytest.approx((1 + 1 / 16) / 2)
+    assert cosine_anneal(25, 0.0, 6.6, 100) == pytest.approx(6.6 * (1 - math.cos(math.pi / 4)) / 2)
+    assert cosine_anneal(100, 0.0, 6.6, 100) == pytest.approx(6.6)
+    assert cosine_anneal(10_000, 0.0, 6.6, 100) == pytest.approx(6.6)
+    assert cosine_anneal(5, 2.0, 3.0, 0) == 3.0
+
+
+def test_module_schedules_follow_the_paper_shape():
+    module = DVAEModule(NET, beta=6.6, kl_warmup_steps=5000, temp_anneal_steps=150_000)
+    assert module.beta_at(0) == 0.0
+    assert module.beta_at(2500) == pytest.approx(3.3)
+    assert module.beta_at(5000) == pytest.approx(6.6)
+    assert module.tau_at(0) == 1.0
+    assert module.tau_at(75_000) == pytest.approx(0.53125)
+    assert module.tau_at(10**7) == pytest.approx(1 / 16)
+
+
+def test_training_loss_is_normalised_by_subpixels():
+    torch.manual_seed(0)
+    module = DVAEModule(NET, kl_warmup_steps=0)  # beta = 6.6 from the first step
+    images = torch.rand(2, 3, 32, 32)
+    out = module.net(images, tau=1.0)
+    nll, kl = module._terms(out.stats, out.logits, images)
+    raw = (logit_laplace_nll(out.stats, images) + 6.6 * kl_to_uniform(out.logits)) / (3 * 32 * 32)
+    assert torch.allclose(nll + 6.6 * kl, raw, atol=1e-5)
