@@ -1,0 +1,27 @@
+"""Evaluate a trained checkpoint: `python evaluate.py ckpt_path=PATH [dataset=...] [split=test]`.
+
+All settings live in conf/ (start at conf/evaluate.yaml); this file only hands the composed
+config to `dalle_lightning.evaluating.evaluate`. Outputs go to logs/<task_name>/runs/<timestamp>/.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from dalle_lightning.cli import check_group_choices, exit_on_user_error
+from dalle_lightning.evaluating import evaluate
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    check_group_choices(sys.argv[1:], CONF_DIR)
+    main()

@@ -1,0 +1,49 @@
+"""What the entry scripts share: user errors as one line on stderr and exit code 2.
+
+Hydra reports an unknown config option (`dataset=cocoo`) as a multi-line traceback-like
+message; `check_group_choices` catches those before Hydra starts, and `exit_on_user_error`
+turns a `ConfigError` raised while building the run into one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dalle_lightning.config import ConfigError
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    try:
+        yield
+    except ConfigError as err:
+        fail(str(err))
+
+
+def group_options(conf_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_group_choices(argv: list[str], conf_dir: Path) -> None:
+    """Fail on `group=option` overrides naming an option that has no yaml file in conf/<group>."""
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"}
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = key.split("@")[0]
+        if not sep or group not in groups or "(" in value or value in ("", "null"):
+            continue
+        options = group_options(conf_dir, group)
+        chosen = value.strip("[]").split(",")  # a list [a,b] or a sweep a,b
+        for option in (c.strip() for c in chosen):
+            if option and option not in options:
+                fail(str(ConfigError(group, option, "one of " + ", ".join(options))))

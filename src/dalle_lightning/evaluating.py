@@ -1,0 +1,56 @@
+"""`evaluate(cfg)`: what `python evaluate.py` runs.
+
+Stage 1 (`model=dvae`): reconstruction quality of a trained dVAE on a dataset split with hard
+(argmax) codes: NLL, KL, PSNR, codebook perplexity and usage, written to metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+
+from dalle_lightning.config import require, require_choice
+from dalle_lightning.instantiate import build, build_all, check_trainer
+from dalle_lightning.run_summary import collect_metrics, write_metrics
+
+log = logging.getLogger(__name__)
+
+TASKS = ("metrics",)
+SPLITS = ("train", "val", "test", "heldout")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    started = time.time()
+    require_choice("task", cfg.task, TASKS)
+    require_choice("split", cfg.split, SPLITS)
+    ckpt_path = cfg.get("ckpt_path")
+    require(
+        ckpt_path is not None and Path(ckpt_path).is_file(),
+        "ckpt_path",
+        ckpt_path,
+        "an existing checkpoint, e.g. logs/train_dvae/runs/<timestamp>/checkpoints/last.ckpt",
+    )
+    check_trainer(cfg)
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    log.info("seed: %s", cfg.seed)
+    datamodule = build(cfg.dataset, "dataset")
+    module_class = hydra.utils.get_class(cfg.model._target_)
+    module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    loggers = build_all(cfg.get("logger"), "logger")
+    callbacks = build_all(cfg.get("callbacks"), "callbacks")
+    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+    trainer.test(module, dataloaders=datamodule.split_dataloader(cfg.split))
+    metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    summary = collect_metrics(cfg, trainer, {}, metrics, time.time() - started)
+    summary.update(split=cfg.split, ckpt_path=str(ckpt_path))
+    summary["checkpoints"] = {"evaluated": str(ckpt_path)}
+    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", summary)
+    log.info("metrics: %s", Path(cfg.paths.output_dir) / "metrics.json")
+    return summary

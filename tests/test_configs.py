@@ -1,0 +1,119 @@
+"""Every shipped config option composes, and the objects it names can be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from dalle_lightning.instantiate import build, build_all
+from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from tests.conftest import CONF_DIR
+
+GROUPS = [
+    "dataset",
+    "model",
+    "callbacks",
+    "logger",
+    "trainer",
+    "paths",
+    "hydra",
+    "debug",
+    "experiment",
+]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+OPTIONS = [(g, o) for g in GROUPS for o in _options(g)]
+
+
+def test_train_defaults_list_has_the_documented_groups():
+    text = (CONF_DIR / "train.yaml").read_text()
+    for entry in [
+        "dataset: shapes",
+        "model: dvae",
+        "callbacks: default",
+        "logger: default",
+        "trainer: default",
+        "paths: default",
+        "hydra: default",
+        "experiment: null",
+        "hparams_search: null",
+        "debug: null",
+    ]:
+        assert f"- {entry}" in text, entry
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(make_cfg, group, option):
+    cfg = make_cfg([f"{group}={option}"])
+    assert cfg.model._target_ and cfg.dataset._target_
+    # everything but Hydra's own section resolves (interpolations included)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.to_container(job, resolve=True)
+    if group in ("callbacks", "logger"):
+        if group == "logger" and option == "wandb":
+            pytest.importorskip("wandb")
+        objects = build_all(cfg[group], group)
+        assert len(objects) == len([k for k in cfg[group] if "_target_" in cfg[group][k]])
+    if group == "trainer":
+        trainer = (
+            build(cfg.trainer, "trainer", logger=False, enable_checkpointing=False)
+            if option != "gpu" or torch.cuda.is_available()
+            else None
+        )
+        assert trainer is None or trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("option", _options("debug") + _options("trainer"))
+def test_evaluate_config_composes(make_cfg, option):
+    group = "debug" if option in _options("debug") else "trainer"
+    cfg = make_cfg([f"{group}={option}"], config_name="evaluate")
+    assert cfg.task == "metrics" and cfg.split == "test"
+
+
+def test_run_dirs_are_named_by_task_and_timestamp(make_cfg):
+    cfg = make_cfg([])
+    assert cfg.task_name == "train_dvae"
+    assert "/${task_name}/runs/" in (CONF_DIR / "hydra" / "default.yaml").read_text().replace(
+        "${paths.log_dir}", ""
+    )
+    assert cfg.hydra.sweep.dir.split("/")[-3:-1] == ["train_dvae", "multiruns"]
+
+
+def test_shapes_dvae_experiment_is_the_default_run(make_cfg):
+    default, experiment = make_cfg([]), make_cfg(["experiment=shapes_dvae"])
+    for key in ("model", "dataset"):
+        assert default[key] == experiment[key], key
+    assert default.trainer.max_steps == experiment.trainer.max_steps
+
+
+def test_paper_dvae_has_the_paper_sizes_and_schedules(make_cfg):
+    cfg = make_cfg(["experiment=paper_dvae"])
+    net = cfg.model.net
+    assert (net.image_size, net.vocab_size, net.n_hid, net.group_count, net.n_blk_per_group) == (
+        256,
+        8192,
+        256,
+        4,
+        2,
+    )
+    assert cfg.model.kl_warmup_steps == 5000 and cfg.model.temp_anneal_steps == 150_000
+    assert cfg.model.optimizer.lr == 1e-4
+    assert cfg.model.optimizer.lr * cfg.model.lr_final_ratio == pytest.approx(1.25e-6)
+    assert cfg.model.lr_decay_steps == 1_200_000 and cfg.trainer.max_steps == 3_000_000
+    total_batch = cfg.dataset.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
+    assert total_batch == 512 and cfg.trainer.precision == "16-mixed"
+    with torch.device("meta"):
+        model = DVAE(DVAEConfig(**cfg.model.net))
+    assert model.grid_size == 32
+
+
+def test_model_config_builds_the_module(make_cfg):
+    cfg = make_cfg(["model.net.n_hid=16"])
+    module = instantiate(cfg.model)
+    assert module.net.config.n_hid == 16 and module.net.config.image_size == cfg.dataset.image_size

@@ -1,0 +1,141 @@
+"""`python train.py` end to end: runs, run directories, metrics.json, checkpoints, user errors."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from omegaconf import open_dict
+
+from dalle_lightning.evaluating import evaluate
+from dalle_lightning.models.dvae import DVAE
+from dalle_lightning.training import train
+from tests.conftest import run_script
+
+TINY = [
+    "model.net.n_hid=8",
+    "model.net.n_init=8",
+    "model.net.vocab_size=32",
+    "dataset.image_size=32",
+    "dataset.batch_size=4",
+    "dataset.eval_batch_size=8",
+    "dataset.num_val=16",
+    "dataset.num_test=16",
+    "trainer.accelerator=cpu",
+]
+
+
+def test_fast_dev_run_dvae(make_cfg, tmp_path):
+    cfg = make_cfg(["model=dvae", "debug=fdr", *TINY])
+    value, summary = train(cfg)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert written["global_step"] == 1
+    for key in ("train/loss", "val/loss", "val/psnr", "val/codebook_used", "test/psnr"):
+        assert key in written["metrics"], key
+    assert value == written["metrics"]["val/loss"] and value is not None
+    assert 0 < written["metrics"]["val/codebook_used"] <= 1
+
+
+def test_short_run_checkpoints_load_and_evaluate(make_cfg, tmp_path):
+    cfg = make_cfg(["debug=limit", "trainer.max_steps=6", "trainer.val_check_interval=3", *TINY])
+    _, summary = train(cfg)
+    ckpts = summary["checkpoints"]
+    assert ckpts["last"].endswith("checkpoints/last.ckpt") and ckpts["best"]
+    # untrusted-file safe: the Lightning checkpoint loads with weights_only=True
+    raw = torch.load(ckpts["last"], map_location="cpu", weights_only=True)
+    assert raw["global_step"] == 6 and raw["dvae_config"]["vocab_size"] == 32
+    model = DVAE.from_checkpoint(ckpts["best"])
+    assert model.encode(torch.rand(2, 3, 32, 32)).shape == (2, 8, 8)
+    # TensorBoard event file and the reconstruction grid PNG are written
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (
+        sorted(p.name for p in (tmp_path / "reconstructions").glob("*.png"))[-1]
+        == "step_0000006.png"
+    )
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+    eval_dir = tmp_path / "eval"
+    ecfg = make_cfg(["split=heldout", f"ckpt_path={ckpts['last']}", *TINY], config_name="evaluate")
+    with open_dict(ecfg):
+        ecfg.paths.output_dir = str(eval_dir)
+    result = evaluate(ecfg)
+    on_disk = json.loads((eval_dir / "metrics.json").read_text())
+    assert (
+        on_disk["split"] == "heldout"
+        and on_disk["metrics"]["test/psnr"] == result["metrics"]["test/psnr"]
+    )
+
+
+def test_overfit_debug_config_learns(make_cfg):
+    cfg = make_cfg(
+        [
+            "debug=overfit",
+            "trainer.max_steps=100",
+            "model.optimizer.lr=3e-3",
+            "model.kl_warmup_steps=1000",
+            "logger=none",
+            "callbacks=none",
+            "test=false",
+            *TINY,
+        ]
+    )
+    _, summary = train(cfg)
+    metrics = summary["metrics"]
+    assert metrics["val/psnr"] > 14, metrics
+
+
+def _one_line_error(result, *needles: str) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_cli_rejects_negative_max_steps(tmp_path):
+    result = run_script("train.py", "trainer.max_steps=-5", f"paths.log_dir={tmp_path}")
+    _one_line_error(result, "trainer.max_steps=-5", "integer")
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_cli_rejects_image_size_the_dvae_cannot_divide(tmp_path):
+    result = run_script("train.py", "dataset.image_size=50", f"paths.log_dir={tmp_path}")
+    _one_line_error(result, "model.net.image_size=50", "multiple of 4")
+
+
+def test_cli_rejects_unknown_dataset_and_model(tmp_path):
+    result = run_script("train.py", "dataset=imagenet", f"paths.log_dir={tmp_path}")
+    _one_line_error(result, "dataset='imagenet'", "one of shapes")
+    result = run_script("train.py", "-m", "model=dvae,vqgan", f"paths.log_dir={tmp_path}")
+    _one_line_error(result, "model='vqgan'", "dvae")
+
+
+def test_cli_rejects_unknown_model_key(tmp_path):
+    result = run_script("train.py", "+model.net.depth=3", f"paths.log_dir={tmp_path}")
+    _one_line_error(result, "model.net", "depth")
+
+
+def test_multirun_makes_one_run_dir_per_value(tmp_path):
+    result = run_script(
+        "train.py",
+        "-m",
+        "model=dvae",
+        "model.net.n_hid=8,16",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "dataset.num_val=8",
+        "dataset.num_test=8",
+        "dataset.batch_size=4",
+        "dataset.image_size=32",
+        "callbacks=none",
+        f"paths.log_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(tmp_path.glob("train_dvae/multiruns/*/*/metrics.json"))
+    assert [p.parent.name for p in runs] == ["0", "1"]
+    n_hids = [json.loads(p.read_text())["overrides"] for p in runs]
+    assert ["model.net.n_hid=8" in n_hids[0], "model.net.n_hid=16" in n_hids[1]] == [True, True]

@@ -1,0 +1,28 @@
+"""Train a stage of DALL-E: `python train.py model=dvae [key=value ...]`; sweeps with `-m`.
+
+All settings live in conf/ (start at conf/train.yaml); this file only hands the composed
+config to `dalle_lightning.training.train`. Outputs go to logs/<task_name>/runs/<timestamp>/.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from dalle_lightning.cli import check_group_choices, exit_on_user_error
+from dalle_lightning.training import train
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with exit_on_user_error():
+        value, _ = train(cfg)
+    return value  # the optimized metric, for sweepers
+
+
+if __name__ == "__main__":
+    check_group_choices(sys.argv[1:], CONF_DIR)
+    main()
