@@ -20,7 +20,7 @@ CONF_DIR = ROOT / "conf"
 def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose conf/<config_name>.yaml with `overrides`, writing under `output_dir`."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} as in a real run
     with open_dict(cfg):

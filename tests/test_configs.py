@@ -79,10 +79,9 @@ def test_evaluate_config_composes(make_cfg, option):
 def test_run_dirs_are_named_by_task_and_timestamp(make_cfg):
     cfg = make_cfg([])
     assert cfg.task_name == "train_dvae"
-    assert "/${task_name}/runs/" in (CONF_DIR / "hydra" / "default.yaml").read_text().replace(
-        "${paths.log_dir}", ""
-    )
+    assert cfg.hydra.run.dir.split("/")[-3:-1] == ["train_dvae", "runs"]
     assert cfg.hydra.sweep.dir.split("/")[-3:-1] == ["train_dvae", "multiruns"]
+    assert make_cfg([], config_name="evaluate").task_name == "evaluate_dvae"
 
 
 def test_shapes_dvae_experiment_is_the_default_run(make_cfg):

@@ -51,6 +51,7 @@ class DVAEModule(LightningModule):
         recon_loss: str = "logit_laplace",
         mse_sigma: float = 0.1,
         num_logged_images: int = 8,
+        channels_last: bool = True,
     ):
         super().__init__()
         require_float("model.beta", beta, 0.0)
@@ -81,6 +82,16 @@ class DVAEModule(LightningModule):
         self._code_counts: Tensor | None = None
         self._logged_batch: Tensor | None = None
 
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:  # ~1.6x faster convolutions on CPU (oneDNN), also on GPU
+            self.net.to(memory_format=torch.channels_last)
+
+    def _images(self, batch: dict) -> Tensor:
+        images = batch["image"]
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
     # schedules -----------------------------------------------------------------------------
     def beta_at(self, step: int) -> float:
         return cosine_anneal(step, 0.0, self.hparams.beta, self.hparams.kl_warmup_steps)
@@ -100,7 +111,7 @@ class DVAEModule(LightningModule):
         return nll / subpixels, kl_to_uniform(logits) / subpixels
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images = batch["image"]
+        images = self._images(batch)
         step = self.global_step
         tau, beta = self.tau_at(step), self.beta_at(step)
         out = self.net(images, tau=tau)
@@ -135,13 +146,14 @@ class DVAEModule(LightningModule):
         return reconstruction
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        reconstruction = self._eval_step(batch["image"], self.val_psnr, "val")
+        images = self._images(batch)
+        reconstruction = self._eval_step(images, self.val_psnr, "val")
         if batch_idx == 0 and self.hparams.num_logged_images:
             n = self.hparams.num_logged_images
-            self._logged_batch = torch.cat([batch["image"][:n], reconstruction[:n]]).detach()
+            self._logged_batch = torch.cat([images[:n], reconstruction[:n]]).detach()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch["image"], self.test_psnr, "test")
+        self._eval_step(self._images(batch), self.test_psnr, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._log_codebook_usage("val")
