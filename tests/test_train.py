@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from omegaconf import open_dict
 
@@ -110,6 +111,12 @@ def test_cli_rejects_unknown_dataset_and_model(tmp_path):
     _one_line_error(result, "dataset='imagenet'", "one of shapes")
     result = run_script("train.py", "-m", "model=dvae,vqgan", f"paths.log_dir={tmp_path}")
     _one_line_error(result, "model='vqgan'", "dvae")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPU")
+def test_cli_rejects_gpu_trainer_without_gpu(tmp_path):
+    result = run_script("train.py", "experiment=paper_dvae", f"paths.log_dir={tmp_path}")
+    _one_line_error(result, "trainer.accelerator='gpu'", "trainer=cpu")
 
 
 def test_cli_rejects_unknown_model_key(tmp_path):

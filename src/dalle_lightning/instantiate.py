@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dalle_lightning.config import ConfigError, require, require_choice, require_int
 
@@ -64,7 +65,15 @@ def check_trainer(cfg: DictConfig) -> None:
         max_steps,
         "an integer >= 1 when trainer.max_epochs is not set (training would never end)",
     )
-    require_choice("trainer.accelerator", t.get("accelerator", "auto"), ACCELERATORS)
+    accelerator = t.get("accelerator", "auto")
+    require_choice("trainer.accelerator", accelerator, ACCELERATORS)
+    if accelerator in ("gpu", "cuda"):
+        require(
+            torch.cuda.is_available(),
+            "trainer.accelerator",
+            accelerator,
+            "cpu or auto on this machine (no CUDA GPU is visible); e.g. trainer=cpu",
+        )
     require_choice("trainer.precision", str(t.get("precision", "32-true")), PRECISIONS)
     devices = t.get("devices", "auto")
     require(
@@ -89,7 +98,3 @@ def check_trainer(cfg: DictConfig) -> None:
 def check_ckpt_path(ckpt_path: str | None, field: str = "ckpt_path") -> None:
     if ckpt_path is not None and ckpt_path not in ("last", "best"):
         require(Path(ckpt_path).is_file(), field, ckpt_path, "an existing checkpoint file")
-
-
-def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -40,7 +40,11 @@ def to_uint8(image) -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
-        return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        return (
+            (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255)
+            .round()
+            .astype(np.uint8)
+        )
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {array.shape}")
@@ -92,7 +96,10 @@ def classify_shape(mask: np.ndarray, box: tuple[int, int, int, int]) -> str:
 
 
 def nearest_position(centre: tuple[float, float]) -> str:
-    return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - centre[0]) ** 2 + (POSITIONS[p][1] - centre[1]) ** 2)
+    return min(
+        POSITIONS,
+        key=lambda p: (POSITIONS[p][0] - centre[0]) ** 2 + (POSITIONS[p][1] - centre[1]) ** 2,
+    )
 
 
 def check_attributes(image, record: dict) -> CheckResult:
@@ -131,8 +138,12 @@ def check_attributes(image, record: dict) -> CheckResult:
         shape = classify_shape(mask, box)
         verdict("shape", shape == obj["shape"], f"object {i}: {shape}, not {obj['shape']}")
         if obj.get("size") is not None:
-            found_size = "large" if max(x1 - x0 + 1, y1 - y0 + 1) / size > SIZE_THRESHOLD else "small"
-            verdict("size", found_size == obj["size"], f"object {i}: {found_size}, not {obj['size']}")
+            found_size = (
+                "large" if max(x1 - x0 + 1, y1 - y0 + 1) / size > SIZE_THRESHOLD else "small"
+            )
+            verdict(
+                "size", found_size == obj["size"], f"object {i}: {found_size}, not {obj['size']}"
+            )
         if obj.get("position") is not None:
             position = nearest_position(centre)
             verdict(

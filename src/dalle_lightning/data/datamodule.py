@@ -25,7 +25,9 @@ def collate_image_text(items: list[dict]) -> dict:
 class ImageTextDataModule(LightningDataModule):
     """Loaders over per-split datasets that a subclass builds in `build_datasets`."""
 
-    def __init__(self, batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0):
+    def __init__(
+        self, batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0
+    ):
         super().__init__()
         require_int("batch_size", batch_size, 1)
         require_int("num_workers", num_workers, 0)
@@ -94,7 +96,12 @@ class ShapesDataModule(ImageTextDataModule):
             )
         except ConfigError as err:
             raise err.at("dataset") from None
-        self.lengths = {"train": num_train, "val": num_val, "test": num_test, "heldout": num_heldout}
+        self.lengths = {
+            "train": num_train,
+            "val": num_val,
+            "test": num_test,
+            "heldout": num_heldout,
+        }
         for split, n in self.lengths.items():
             require_int(f"num_{split}", n, 1)
 

@@ -163,7 +163,9 @@ class ShapesDataset(Dataset):
             relation = list(RELATIONS)[rng.integers(len(RELATIONS))]
             _, anchor_a, anchor_b = RELATIONS[relation]
             centres = [self._centre(rng, anchor_a), self._centre(rng, anchor_b)]
-            caption = f"a {_describe(objects[0])} {RELATIONS[relation][0]} a {_describe(objects[1])}"
+            caption = (
+                f"a {_describe(objects[0])} {RELATIONS[relation][0]} a {_describe(objects[1])}"
+            )
             if rng.random() < 0.3:
                 caption = "there is " + caption
         else:
@@ -183,7 +185,7 @@ class ShapesDataset(Dataset):
         S = cfg.image_size
         image = Image.new("RGB", (S, S), BACKGROUND)
         draw = ImageDraw.Draw(image)
-        for obj, (cx, cy) in zip(objects, centres):
+        for obj, (cx, cy) in zip(objects, centres, strict=True):
             side = round(SIZES[obj.pop("true_size")] * S)
             x0, y0 = round(cx * S - side / 2), round(cy * S - side / 2)
             obj["box"] = [x0, y0, x0 + side - 1, y0 + side - 1]
