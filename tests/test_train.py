@@ -146,3 +146,22 @@ def test_multirun_makes_one_run_dir_per_value(tmp_path):
     assert [p.parent.name for p in runs] == ["0", "1"]
     n_hids = [json.loads(p.read_text())["overrides"] for p in runs]
     assert ["model.net.n_hid=8" in n_hids[0], "model.net.n_hid=16" in n_hids[1]] == [True, True]
+
+
+def test_ema_callback_trains_and_checkpoints(make_cfg):
+    cfg = make_cfg(
+        [
+            "debug=limit",
+            "callbacks=[default,ema]",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "callbacks.ema.decay=0.5",
+            *TINY,
+        ]
+    )
+    _, summary = train(cfg)
+    ckpt = torch.load(summary["checkpoints"]["last"], map_location="cpu", weights_only=True)
+    # the averaged weights are what the checkpoint holds, and they still rebuild the dVAE
+    assert any("EMAWeightAveraging" in key for key in ckpt["callbacks"])
+    model = DVAE.from_checkpoint(summary["checkpoints"]["last"])
+    assert model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 8, 8)
