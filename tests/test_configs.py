@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from dalle_lightning.config import ConfigError
 from dalle_lightning.instantiate import build, build_all
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from tests.conftest import CONF_DIR
@@ -116,3 +117,19 @@ def test_model_config_builds_the_module(make_cfg):
     cfg = make_cfg(["model.net.n_hid=16"])
     module = instantiate(cfg.model)
     assert module.net.config.n_hid == 16 and module.net.config.image_size == cfg.dataset.image_size
+
+
+@pytest.mark.parametrize(
+    ("override", "group", "field"),
+    [
+        ("dataset.num_val=0", "dataset", "dataset.num_val"),
+        ("dataset.heldout_fraction=0.9", "dataset", "dataset.heldout_fraction"),
+        ("model.beta=-1", "model", "model.beta"),
+        ("model.net.n_hid=30", "model", "model.net.n_hid"),
+    ],
+)
+def test_build_names_bad_fields_as_the_user_types_them(make_cfg, override, group, field):
+    cfg = make_cfg([override])
+    with pytest.raises(ConfigError) as err:
+        build(cfg[group], group)
+    assert err.value.field == field

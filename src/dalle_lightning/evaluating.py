@@ -49,8 +49,7 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer.test(module, dataloaders=datamodule.split_dataloader(cfg.split))
     metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     summary = collect_metrics(cfg, trainer, {}, metrics, time.time() - started)
-    summary.update(split=cfg.split, ckpt_path=str(ckpt_path))
-    summary["checkpoints"] = {"evaluated": str(ckpt_path)}
+    summary.update(split=cfg.split, checkpoints={"evaluated": str(ckpt_path)})
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", summary)
     log.info("metrics: %s", Path(cfg.paths.output_dir) / "metrics.json")
     return summary

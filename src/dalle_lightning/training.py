@@ -53,8 +53,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     summary = collect_metrics(cfg, trainer, fit_metrics, test_metrics, time.time() - started)
     write_metrics(output_dir / "metrics.json", summary)
     log.info("metrics: %s", output_dir / "metrics.json")
-    metric_name = cfg.get("optimized_metric")
-    value = summary["metrics"].get(metric_name) if metric_name else None
+    metric_name, value = summary["optimized_metric"]["name"], summary["optimized_metric"]["value"]
     if metric_name and value is None:
         log.warning(
             "optimized_metric %r was not logged (logged: %s); a sweep gets None for this run",

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from dalle_lightning.config import ConfigError, require_int
+from dalle_lightning.config import require_int
 from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset
 
 
@@ -90,12 +90,9 @@ class ShapesDataModule(ImageTextDataModule):
         num_workers: int = 0,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers)
-        try:
-            self.config = ShapesConfig(
-                image_size, seed, heldout_fraction, two_object_prob, size_mention_prob
-            )
-        except ConfigError as err:
-            raise err.at("dataset") from None
+        self.config = ShapesConfig(
+            image_size, seed, heldout_fraction, two_object_prob, size_mention_prob
+        )
         self.lengths = {
             "train": num_train,
             "val": num_val,

@@ -135,8 +135,14 @@ class ResBlock(nn.Module):
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-def _group(blocks: list[nn.Module], resample: nn.Module | None) -> nn.Sequential:
-    layers = OrderedDict((f"block_{i + 1}", blk) for i, blk in enumerate(blocks))
+def _group(
+    n_in: int, n_out: int, cfg: DVAEConfig, kernels: tuple, resample: nn.Module | None
+) -> nn.Sequential:
+    """`n_blk_per_group` resblocks (the first one changes the width), then the resampling."""
+    layers = OrderedDict(
+        (f"block_{i + 1}", ResBlock(n_in if i == 0 else n_out, n_out, cfg.n_layers, kernels))
+        for i in range(cfg.n_blk_per_group)
+    )
     if resample is not None:
         layers["pool" if isinstance(resample, nn.MaxPool2d) else "upsample"] = resample
     return nn.Sequential(layers)
@@ -152,11 +158,8 @@ class Encoder(nn.Module):
         n_in = n
         for g in range(G):
             n_out = 2**g * n  # widths 1, 2, 4, 8 x n_hid
-            blocks = [
-                ResBlock(n_in if i == 0 else n_out, n_out, cfg.n_layers, (3, 3, 3, 1))
-                for i in range(cfg.n_blk_per_group)
-            ]
-            layers[f"group_{g + 1}"] = _group(blocks, nn.MaxPool2d(2) if g < G - 1 else None)
+            pool = nn.MaxPool2d(2) if g < G - 1 else None
+            layers[f"group_{g + 1}"] = _group(n_in, n_out, cfg, (3, 3, 3, 1), pool)
             n_in = n_out
         layers["output"] = nn.Sequential(
             OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, cfg.vocab_size, 1))
@@ -177,12 +180,8 @@ class Decoder(nn.Module):
         n_in = cfg.n_init
         for g in range(G):
             n_out = 2 ** (G - 1 - g) * n  # widths 8, 4, 2, 1 x n_hid
-            blocks = [
-                ResBlock(n_in if i == 0 else n_out, n_out, cfg.n_layers, (1, 3, 3, 3))
-                for i in range(cfg.n_blk_per_group)
-            ]
             upsample = nn.Upsample(scale_factor=2, mode="nearest") if g < G - 1 else None
-            layers[f"group_{g + 1}"] = _group(blocks, upsample)
+            layers[f"group_{g + 1}"] = _group(n_in, n_out, cfg, (1, 3, 3, 3), upsample)
             n_in = n_out
         layers["output"] = nn.Sequential(
             OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, 2 * cfg.input_channels, 1))

@@ -37,6 +37,9 @@ RECON_LOSSES = ("logit_laplace", "mse")
 
 
 class DVAEModule(LightningModule):
+    """Field names in errors are relative to the `model` config group; `instantiate.build`
+    places them under it (`model.beta`, `model.net.image_size`)."""
+
     def __init__(
         self,
         net: dict,
@@ -54,25 +57,23 @@ class DVAEModule(LightningModule):
         channels_last: bool = True,
     ):
         super().__init__()
-        require_float("model.beta", beta, 0.0)
-        require_int("model.kl_warmup_steps", kl_warmup_steps, 0)
-        require_float("model.tau_start", tau_start, 1e-4)
-        require_float("model.tau_end", tau_end, 1e-4)
-        require_int("model.temp_anneal_steps", temp_anneal_steps, 0)
-        require_float("model.lr_final_ratio", lr_final_ratio, 0.0, 1.0)
+        require_float("beta", beta, 0.0)
+        require_int("kl_warmup_steps", kl_warmup_steps, 0)
+        require_float("tau_start", tau_start, 1e-4)
+        require_float("tau_end", tau_end, 1e-4)
+        require_int("temp_anneal_steps", temp_anneal_steps, 0)
+        require_float("lr_final_ratio", lr_final_ratio, 0.0, 1.0)
         if lr_decay_steps is not None:
-            require_int("model.lr_decay_steps", lr_decay_steps, 1)
-        require_choice("model.recon_loss", recon_loss, RECON_LOSSES)
-        require_float("model.mse_sigma", mse_sigma, 1e-6)
-        require_int("model.num_logged_images", num_logged_images, 0)
+            require_int("lr_decay_steps", lr_decay_steps, 1)
+        require_choice("recon_loss", recon_loss, RECON_LOSSES)
+        require_float("mse_sigma", mse_sigma, 1e-6)
+        require_int("num_logged_images", num_logged_images, 0)
         try:
             config = DVAEConfig(**net)
         except ConfigError as err:
-            raise err.at("model.net") from None
+            raise err.at("net") from None
         except TypeError as err:  # an unknown key in model.net
-            raise ConfigError(
-                "model.net", dict(net), f"fields of DVAEConfig only ({err})"
-            ) from None
+            raise ConfigError("net", dict(net), f"fields of DVAEConfig only ({err})") from None
         # the partial optimizer is code, not a hyperparameter; it lives in the Hydra config
         self.save_hyperparameters(ignore=["optimizer"])
         self.net = DVAE(config)
@@ -117,10 +118,7 @@ class DVAEModule(LightningModule):
         out = self.net(images, tau=tau)
         nll, kl = self._terms(out.stats, out.logits, images)
         loss = (nll + beta * kl).mean()
-        self.log_dict(
-            {"train/loss": loss, "train/nll": nll.mean(), "train/kl": kl.mean()},
-            prog_bar=False,
-        )
+        self.log_dict({"train/loss": loss, "train/nll": nll.mean(), "train/kl": kl.mean()})
         self.log_dict({"train/tau": tau, "train/beta": beta})
         return loss
 
