@@ -82,7 +82,9 @@ def test_run_dirs_are_named_by_task_and_timestamp(make_cfg):
     assert cfg.task_name == "train_dvae"
     assert cfg.hydra.run.dir.split("/")[-3:-1] == ["train_dvae", "runs"]
     assert cfg.hydra.sweep.dir.split("/")[-3:-1] == ["train_dvae", "multiruns"]
-    assert make_cfg([], config_name="evaluate").task_name == "evaluate_dvae"
+    ecfg = make_cfg([], config_name="evaluate")
+    assert ecfg.task_name == "evaluate_metrics"
+    assert ecfg.hydra.sweep.dir.split("/")[-3:-1] == ["evaluate_metrics", "multiruns"]
 
 
 def test_shapes_dvae_experiment_is_the_default_run(make_cfg):

@@ -32,9 +32,7 @@ def collect_metrics(
     last = Path(ckpt.dirpath) / "last.ckpt" if ckpt and ckpt.dirpath else None
     name = cfg.get("optimized_metric")
     return {
-        "task_name": cfg.get("task_name"),
-        "run_dir": str(cfg.paths.output_dir),
-        "wall_time_s": round(wall_time, 1),
+        **run_header(cfg, wall_time),
         "global_step": trainer.global_step,
         "metrics": metrics,
         "optimized_metric": {"name": name, "value": metrics.get(name)},
@@ -42,6 +40,15 @@ def collect_metrics(
             "best": (ckpt.best_model_path or None) if ckpt else None,
             "last": str(last) if last is not None and last.is_file() else None,
         },
+    }
+
+
+def run_header(cfg: DictConfig, wall_time: float) -> dict:
+    """What every metrics.json starts with."""
+    return {
+        "task_name": cfg.get("task_name"),
+        "run_dir": str(cfg.paths.output_dir),
+        "wall_time_s": round(wall_time, 1),
         "overrides": _overrides(),
     }
 
@@ -57,3 +64,19 @@ def _overrides() -> list[str]:
 def write_metrics(path: Path, summary: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def latest_checkpoint(log_dir: str | Path, task_name: str) -> Path | None:
+    """The best (else last) checkpoint of the newest finished run of `task_name` under
+    `log_dir` (runs and sweep jobs); a run is finished once it wrote its metrics.json."""
+    root = Path(log_dir) / task_name
+    summaries = sorted(root.glob("**/metrics.json"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(summaries):
+        try:
+            checkpoints = json.loads(path.read_text()).get("checkpoints") or {}
+        except (OSError, ValueError):
+            continue
+        for key in ("best", "last"):
+            if checkpoints.get(key) and Path(checkpoints[key]).is_file():
+                return Path(checkpoints[key])
+    return None

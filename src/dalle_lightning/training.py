@@ -1,6 +1,7 @@
 """`train(cfg)`: what `python train.py` runs, top to bottom.
 
-seed -> datamodule -> module -> callbacks -> loggers -> trainer -> fit -> test -> metrics.json.
+seed -> datamodule (stage 2: over cached dVAE codes) -> module -> callbacks -> loggers
+-> trainer -> fit -> test -> metrics.json.
 Every object comes from the composed Hydra config (conf/train.yaml); every value is checked
 while the objects are built, before the first step.
 """
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from dalle_lightning.instantiate import build, build_all, check_ckpt_path, check_trainer
+from dalle_lightning.modules.dalle_module import DalleModule
 from dalle_lightning.run_summary import collect_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     log.info("seed: %s", cfg.seed)
     datamodule = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model")
+    if isinstance(module, DalleModule):  # stage 2 reads cached dVAE codes, never pixels
+        datamodule = module.token_datamodule(datamodule)
     loggers = build_all(cfg.get("logger"), "logger")
     callbacks = build_all(cfg.get("callbacks"), "callbacks")
     if not loggers:  # nothing to monitor the learning rate into

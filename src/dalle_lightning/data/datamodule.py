@@ -5,6 +5,8 @@ Batch: {"image": (B, 3, S, S) float in [0, 1], "caption": list[str], "record": l
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
@@ -39,6 +41,10 @@ class ImageTextDataModule(LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
 
     def build_datasets(self) -> dict[str, Dataset]:
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """Everything that decides the images and captions of every split (token cache key)."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
@@ -101,6 +107,9 @@ class ShapesDataModule(ImageTextDataModule):
         }
         for split, n in self.lengths.items():
             require_int(f"num_{split}", n, 1)
+
+    def identity(self) -> dict:
+        return {"dataset": "shapes", **asdict(self.config), "lengths": self.lengths}
 
     def build_datasets(self) -> dict[str, Dataset]:
         return {split: ShapesDataset(self.config, split, n) for split, n in self.lengths.items()}

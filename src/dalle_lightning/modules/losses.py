@@ -1,4 +1,5 @@
-"""dVAE objective terms (Ramesh et al., 2021, sec. 2.1 and A.3).
+"""Training objectives: the dVAE terms (Ramesh et al., 2021, sec. 2.1, A.3) and the prior's
+cross-entropy (sec. 2.2).
 
 Shape legend: B batch, C channels, H x W pixels, K codebook size, h x w code grid.
 """
@@ -52,3 +53,17 @@ def kl_to_uniform(logits: Tensor) -> Tensor:
     log_q = F.log_softmax(logits, dim=1)
     kl = (log_q.exp() * log_q).sum(1) + math.log(logits.shape[1])  # (B, h, w)
     return kl.flatten(1).sum(1)
+
+
+def prior_loss(
+    text_logits: Tensor, image_logits: Tensor, text: Tensor, codes: Tensor, text_weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, text, image) cross-entropy of the prior (paper sec. 2.2, B.2).
+
+    Text slot j predicts text id j + 1 and image slot p predicts code p; text and image are
+    each averaged over their own tokens, then weighted text_weight : 1 - text_weight
+    (paper: 1/8 : 7/8). Per-position pad ids are ordinary targets.
+    """
+    text_loss = F.cross_entropy(text_logits[:, :-1].flatten(0, 1).float(), text[:, 1:].flatten())
+    image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), codes.flatten())
+    return text_weight * text_loss + (1 - text_weight) * image_loss, text_loss, image_loss

@@ -1,0 +1,73 @@
+"""Token cache: the frozen dVAE's codes of every image of a split, computed once (paper sec. 2.2).
+
+Stage 2 reads these codes instead of pixels, so its training step never runs the dVAE encoder.
+A cache file is keyed by the sha256 of the dVAE checkpoint file and by the dataset's identity
+(everything that decides its images and captions) and the split, so every run and sweep job
+with the same dVAE and data reuses it, and a different dVAE never reads stale codes. Files are
+written to a temporary name and renamed, so a killed run leaves no half-written cache.
+
+What it trades away: each image is encoded once, at its evaluation transform (fixed crop), so
+stage 2 sees no random crops or other augmentation of the images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from dalle_lightning.data.datamodule import collate_image_text
+from dalle_lightning.models.dvae import DVAE
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_file(cache_dir: str | Path, name: str, key: dict) -> Path:
+    """<cache_dir>/<name>-<hash of key>.pt"""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"{name}-{digest}.pt"
+
+
+@torch.inference_mode()
+def encode_dataset(dvae: DVAE, dataset: Dataset, batch_size: int = 128) -> dict:
+    """{"codes": (n, h, w) int16 argmax codes, "captions": list[str]} in dataset order."""
+    dvae.eval()
+    device = next(dvae.parameters()).device
+    codes: list[Tensor] = []
+    captions: list[str] = []
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_image_text)
+    for batch in loader:
+        codes.append(dvae.encode(batch["image"].to(device)).to(torch.int16).cpu())
+        captions.extend(batch["caption"])
+    return {"codes": torch.cat(codes), "captions": captions}
+
+
+def load_or_encode(
+    dvae: DVAE, dvae_sha256: str, identity: dict, dataset: Dataset, split: str, cache_dir
+) -> dict:
+    """The cached codes and captions of `split`, encoding and saving them on first use."""
+    path = cache_file(cache_dir, split, {"dvae": dvae_sha256, "data": identity, "split": split})
+    if path.is_file():
+        log.info("token cache: %s (%s)", path, split)
+        return torch.load(path, weights_only=True)
+    log.info("token cache: encoding %d %s images with the dVAE -> %s", len(dataset), split, path)
+    tokens = encode_dataset(dvae, dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(tokens, partial)
+    partial.replace(path)
+    return tokens

@@ -1,0 +1,137 @@
+"""Stage-2 batches: BPE text ids and cached dVAE codes, from any image-caption datamodule.
+
+Batch: {"text": (B, T) long (per-position pads), "codes": (B, N) long, "caption": list[str]}.
+BPE-dropout applies to the training loader only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from dalle_lightning.data.datamodule import ImageTextDataModule
+from dalle_lightning.data.token_cache import cache_file, load_or_encode
+from dalle_lightning.models.dvae import DVAE
+from dalle_lightning.text.tokenizer import BPETokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TokenDataset(Dataset):
+    def __init__(self, tokens: dict):
+        self.codes, self.captions = tokens["codes"], tokens["captions"]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"codes": self.codes[index].flatten().long(), "caption": self.captions[index]}
+
+
+class TokenCollate:
+    """Tokenizes a batch of captions (with BPE-dropout `dropout`) and stacks their codes."""
+
+    def __init__(self, tokenizer: BPETokenizer, dropout: float = 0.0):
+        self.tokenizer, self.dropout = tokenizer, dropout
+
+    def __call__(self, items: list[dict]) -> dict:
+        captions = [it["caption"] for it in items]
+        return {
+            "text": self.tokenizer.encode(captions, self.dropout),
+            "codes": torch.stack([it["codes"] for it in items]),
+            "caption": captions,
+        }
+
+
+class TokenDataModule(LightningDataModule):
+    def __init__(
+        self,
+        images: ImageTextDataModule,
+        dvae: DVAE,
+        dvae_sha256: str,
+        cache_dir: str,
+        vocab_size: int,
+        text_seq_len: int,
+        bpe_dropout: float = 0.1,
+        tokenizer: BPETokenizer | None = None,
+    ):
+        super().__init__()
+        self.images, self.dvae, self.dvae_sha256 = images, dvae, dvae_sha256
+        self.cache_dir, self.vocab_size, self.text_seq_len = cache_dir, vocab_size, text_seq_len
+        self.bpe_dropout = bpe_dropout
+        self.tokenizer = tokenizer
+        self.tokens: dict[str, dict] = {}
+
+    def split_tokens(self, split: str) -> dict:
+        if split not in self.tokens:
+            self.images.setup()
+            self.tokens[split] = load_or_encode(
+                self.dvae,
+                self.dvae_sha256,
+                self.images.identity(),
+                self.images.datasets[split],
+                split,
+                self.cache_dir,
+            )
+        return self.tokens[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        captions = self.split_tokens("train")["captions"]
+        if self.tokenizer is None:
+            self.tokenizer = self._trained_tokenizer(captions)
+        long, total = self.tokenizer.count_truncated(captions)
+        if long:
+            log.warning(
+                "%d of %d training captions (%.2f%%) have more than text_seq_len=%d tokens "
+                "and are truncated",
+                long,
+                total,
+                100 * long / total,
+                self.text_seq_len,
+            )
+
+    def _trained_tokenizer(self, captions: list[str]) -> BPETokenizer:
+        """Trained once per (data, vocab_size) and kept beside the token cache: BPE training
+        breaks ties arbitrarily, so retraining could renumber the ids of a resumed run."""
+        key = {"data": self.images.identity(), "vocab_size": self.vocab_size}
+        path = cache_file(self.cache_dir, "tokenizer", key).with_suffix(".json")
+        if path.is_file():
+            log.info("BPE tokenizer: %s", path)
+            return BPETokenizer.load(path, self.vocab_size, self.text_seq_len)
+        tokenizer = BPETokenizer.train(captions, self.vocab_size, self.text_seq_len)
+        log.info(
+            "BPE tokenizer: %d ids learned (vocab_size %d) from %d training captions -> %s",
+            tokenizer.tokenizer.get_vocab_size(),
+            self.vocab_size,
+            len(captions),
+            path,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".tmp{os.getpid()}")
+        tokenizer.save(partial)
+        partial.replace(path)
+        return tokenizer
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        return DataLoader(
+            TokenDataset(self.split_tokens(split)),
+            batch_size=self.images.batch_size if train else self.images.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.images.num_workers,
+            persistent_workers=self.images.num_workers > 0,
+            collate_fn=TokenCollate(self.tokenizer, self.bpe_dropout if train else 0.0),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,80 @@
+"""`python evaluate.py task=generate`: images for captions from a stage-2 checkpoint.
+
+Writes one PNG grid per prompt (`num_images` samples, seeded by `seed`) under
+<run dir>/generated/, prints each path, and records them in metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from torchvision.utils import make_grid, save_image
+
+from dalle_lightning.config import require, require_int
+from dalle_lightning.models.dalle import DALLE
+from dalle_lightning.run_summary import latest_checkpoint, run_header, write_metrics
+from dalle_lightning.sampling.generate import check_sampling
+
+log = logging.getLogger(__name__)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+
+
+def generate(cfg: DictConfig) -> dict:
+    started = time.time()
+    prompts = cfg.get("prompts")
+    require(
+        isinstance(prompts, (list, ListConfig))
+        and len(prompts) > 0
+        and all(isinstance(p, str) for p in prompts),
+        "prompts",
+        prompts,
+        """a non-empty list of captions, e.g. prompts='["a red circle on the left"]'""",
+    )
+    require_int("num_images", cfg.num_images, 1)
+    sampling = dict(cfg.sampling)
+    require_int("sampling.batch_size", sampling.pop("batch_size"), 1)
+    check_sampling(**{k: sampling[k] for k in ("temperature", "top_k", "top_p")})
+    ckpt_path = cfg.get("ckpt_path") or latest_checkpoint(cfg.paths.log_dir, "train_dalle")
+    require(
+        ckpt_path is not None and Path(ckpt_path).is_file(),
+        "ckpt_path",
+        cfg.get("ckpt_path"),
+        "a stage-2 checkpoint (none found under logs/train_dalle: run "
+        "`python train.py model=dalle` first)",
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("DALL-E checkpoint: %s (%s)", ckpt_path, device)
+    try:
+        model = DALLE.from_checkpoint(ckpt_path, map_location=device)
+    except RuntimeError as err:
+        require(False, "ckpt_path", str(ckpt_path), str(err))
+
+    out_dir = Path(cfg.paths.output_dir) / "generated"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, prompt in enumerate(prompts):
+        images = model.generate(
+            [prompt],
+            cfg.num_images,
+            batch_size=cfg.sampling.batch_size,
+            seed=cfg.seed + i,
+            **sampling,
+        )
+        path = out_dir / f"{i:03d}_{_slug(prompt)}.png"
+        nrow = min(cfg.num_images, 8)
+        save_image(make_grid(images, nrow=nrow, padding=2, pad_value=0.5), path)
+        files.append({"prompt": prompt, "png": str(path)})
+        print(path, flush=True)
+
+    summary = run_header(cfg, time.time() - started)
+    summary.update(checkpoints={"evaluated": str(ckpt_path)}, generated=files)
+    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", summary)
+    return summary

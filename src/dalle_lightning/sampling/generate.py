@@ -1,0 +1,110 @@
+"""Batched generation: captions -> image codes from the prior -> images from the dVAE.
+
+Image codes are sampled one raster position at a time (temperature, then top-k and/or top-p
+filtering) with a seeded `torch.Generator`, so a (seed, captions) pair always gives the same
+images. With `use_cache=True` (the default) the prompt runs once and each later step feeds one
+token against the preallocated key/value cache; `use_cache=False` recomputes the whole
+sequence per token (the reference the tests compare against).
+
+Shape legend: B captions x images per caption, T text_seq_len, N = h * w image tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from dalle_lightning.config import require_float, require_int
+from dalle_lightning.models.dvae import DVAE
+from dalle_lightning.models.transformer import PriorTransformer
+from dalle_lightning.text.tokenizer import BPETokenizer
+
+
+class Samples(NamedTuple):
+    codes: Tensor  # (B, N) long
+    logits: Tensor | None  # (B, N, image_vocab) before filtering, when keep_logits=True
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Keep the k most likely ids and/or the smallest set with probability >= top_p."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keeps the first id always
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    require_float("temperature", temperature, 1e-6)
+    if top_k is not None:
+        require_int("top_k", top_k, 1)
+    if top_p is not None:
+        require_float("top_p", top_p, 1e-6, 1.0)
+
+
+@torch.no_grad()
+def sample_codes(
+    prior: PriorTransformer,
+    text: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    keep_logits: bool = False,
+) -> Samples:
+    """Sample N image codes for each row of text ids (B, T)."""
+    check_sampling(temperature, top_k, top_p)
+    B, N = text.shape[0], prior.config.image_seq_len
+    codes = torch.zeros(B, N, dtype=torch.long, device=text.device)
+    kept = []
+    cache = prior.new_cache(B) if use_cache else None
+    for p in range(N):
+        if cache is None:
+            logits = prior(text, codes).image_logits[:, p]
+        elif p == 0:
+            logits = prior.prefill(text, cache)
+        else:
+            logits = prior.step(codes[:, p - 1], cache)
+        logits = logits.float()
+        if keep_logits:
+            kept.append(logits)
+        probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+        codes[:, p] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return Samples(codes, torch.stack(kept, 1) if keep_logits else None)
+
+
+@torch.no_grad()
+def generate_images(
+    prior: PriorTransformer,
+    dvae: DVAE,
+    tokenizer: BPETokenizer,
+    captions: Sequence[str],
+    num_images: int = 1,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """(len(captions) * num_images, C, H, W) in [0, 1]: caption i's images are rows
+    i * num_images ... (i + 1) * num_images - 1."""
+    require_int("num_images", num_images, 1)
+    require_int("batch_size", batch_size, 1)
+    device = prior.text_embedding.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    repeated = [c for c in captions for _ in range(num_images)]
+    images = []
+    for start in range(0, len(repeated), batch_size):
+        text = tokenizer.encode(repeated[start : start + batch_size]).to(device)
+        codes = sample_codes(prior, text, temperature, top_k, top_p, generator).codes
+        side = dvae.grid_size
+        images.append(dvae.decode(codes.view(-1, side, side)).float().cpu())
+    return torch.cat(images)

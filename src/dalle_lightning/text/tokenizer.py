@@ -1,0 +1,120 @@
+"""BPE caption tokenizer of the prior (Ramesh et al., 2021, sec. 2.2 and B.2), on HF `tokenizers`.
+
+- Lowercase, then split on anything except a-z before merging (the paper's vocabulary rule):
+  digits and punctuation never reach the model.
+- BPE-dropout (Provilkov et al., 2019) with rate `dropout` only while training; evaluation and
+  generation always encode deterministically.
+- A fixed length `text_seq_len`: longer captions are truncated (counted, see
+  `count_truncated`); positions without a text token get a pad token of their own,
+  id `vocab_size + position` (paper sec. B.2), instead of an attention mask.
+
+Shape legend: B captions, T text_seq_len.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from torch import Tensor
+
+from dalle_lightning.config import require_float, require_int
+
+UNK = "[UNK]"
+END_OF_WORD = "</w>"
+
+
+class BPETokenizer:
+    """Captions <-> (B, T) ids in [0, vocab_size + T): text ids, then one pad id per position."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, text_seq_len: int):
+        require_int("vocab_size", vocab_size, 2)
+        require_int("text_seq_len", text_seq_len, 1)
+        learned = tokenizer.get_vocab_size()
+        if learned > vocab_size:
+            raise ValueError(f"the tokenizer has {learned} ids, more than vocab_size={vocab_size}")
+        self.tokenizer, self.vocab_size, self.text_seq_len = tokenizer, vocab_size, text_seq_len
+
+    @classmethod
+    def train(cls, captions: Iterable[str], vocab_size: int, text_seq_len: int) -> BPETokenizer:
+        """Learn merges on `captions` until `vocab_size` ids (or no pair is left to merge).
+
+        Ties between equally frequent pairs make the ids differ from one training to the
+        next: keep and reuse the trained tokenizer (the token cache does) rather than retrain.
+        """
+        require_int("vocab_size", vocab_size, 2)
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=END_OF_WORD))
+        tokenizer.normalizer = normalizers.Lowercase()
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[^a-z]+"), behavior="removed")
+        tokenizer.decoder = decoders.BPEDecoder(suffix=END_OF_WORD)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[UNK],
+            end_of_word_suffix=END_OF_WORD,
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(captions, trainer)
+        return cls(tokenizer, vocab_size, text_seq_len)
+
+    @property
+    def num_ids(self) -> int:
+        """Size of the prior's text embedding: text ids plus one pad id per position."""
+        return self.vocab_size + self.text_seq_len
+
+    def pad_id(self, position: int) -> int:
+        return self.vocab_size + position
+
+    def token_ids(self, caption: str, dropout: float = 0.0) -> list[int]:
+        """BPE ids of one caption, untruncated; BPE-dropout with probability `dropout`."""
+        require_float("dropout", dropout, 0.0, 1.0)
+        model = self.tokenizer.model
+        model.dropout = dropout or None  # the model is shared: set for every call
+        try:
+            return self.tokenizer.encode(caption).ids
+        finally:
+            model.dropout = None
+
+    def encode(self, captions: Sequence[str], dropout: float = 0.0) -> Tensor:
+        """captions -> (B, T) long: ids truncated to T, then per-position pad ids."""
+        T = self.text_seq_len
+        out = torch.arange(self.vocab_size, self.vocab_size + T).repeat(len(captions), 1)
+        for row, caption in enumerate(captions):
+            ids = self.token_ids(caption, dropout)[:T]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def decode(self, ids: Tensor | Sequence[int]) -> str:
+        """Text of one row of ids; pad ids are dropped."""
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        return self.tokenizer.decode([i for i in ids if i < self.vocab_size])
+
+    def count_truncated(self, captions: Iterable[str]) -> tuple[int, int]:
+        """(captions longer than text_seq_len tokens, captions) without dropout."""
+        total = long = 0
+        for caption in captions:
+            total += 1
+            long += len(self.token_ids(caption)) > self.text_seq_len
+        return long, total
+
+    # persistence: one JSON string (HF's format) plus the two sizes
+    def state(self) -> dict:
+        return {
+            "tokenizer_json": self.tokenizer.to_str(),
+            "vocab_size": self.vocab_size,
+            "text_seq_len": self.text_seq_len,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> BPETokenizer:
+        tokenizer = Tokenizer.from_str(state["tokenizer_json"])
+        return cls(tokenizer, state["vocab_size"], state["text_seq_len"])
+
+    def save(self, path: str | Path) -> None:
+        """The HF tokenizer file (loadable with `tokenizers.Tokenizer.from_file`)."""
+        self.tokenizer.save(str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, vocab_size: int, text_seq_len: int) -> BPETokenizer:
+        return cls(Tokenizer.from_file(str(path)), vocab_size, text_seq_len)

@@ -1,0 +1,181 @@
+"""Stage 2 end to end on a tiny dVAE made in the test (random weights): token cache, training,
+checkpoints that rebuild DALL-E alone, generation, and the user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dalle_lightning.data.datamodule import ShapesDataModule
+from dalle_lightning.data.token_cache import file_sha256
+from dalle_lightning.data.token_datamodule import TokenDataModule
+from dalle_lightning.evaluating import evaluate
+from dalle_lightning.models.dalle import DALLE
+from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.modules.dalle_module import resolve_dvae_ckpt
+from dalle_lightning.training import train
+from tests.conftest import run_script
+
+DATA = [
+    "dataset.image_size=32",
+    "dataset.batch_size=4",
+    "dataset.eval_batch_size=8",
+    "dataset.num_train=64",
+    "dataset.num_val=16",
+    "dataset.num_test=16",
+    "trainer.accelerator=cpu",
+]
+NET = [
+    "model.net.dim=32",
+    "model.net.depth=2",
+    "model.net.heads=2",
+    "model.text.vocab_size=64",
+    "model.text.text_seq_len=16",
+    "model.num_sample_captions=2",
+]
+
+
+@pytest.fixture
+def tiny_dvae(tmp_path) -> Path:
+    """A randomly initialised dVAE: 32 px -> 8 x 8 codes from 32 (its codes mean nothing)."""
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))
+    path = tmp_path / "dvae.pt"
+    torch.save(dvae.export(), path)
+    return path
+
+
+def shapes(n: int = 24) -> ShapesDataModule:
+    return ShapesDataModule(
+        image_size=32, num_train=n, num_val=8, num_test=8, batch_size=4, eval_batch_size=8
+    )
+
+
+def test_token_cache_holds_the_dvae_codes_and_is_reused(tiny_dvae, tmp_path, monkeypatch):
+    dvae = DVAE.from_checkpoint(tiny_dvae)
+    sha = file_sha256(tiny_dvae)
+    dm = TokenDataModule(shapes(), dvae, sha, str(tmp_path / "cache"), 64, 16)
+    dm.setup()
+    tokens = dm.split_tokens("train")
+    dm.split_tokens("val")
+    images = torch.stack([dm.images.datasets["train"][i]["image"] for i in range(24)])
+    assert torch.equal(tokens["codes"].long(), dvae.encode(images))
+    assert tokens["captions"][3] == dm.images.datasets["train"][3]["caption"]
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len([f for f in files if f.startswith("train-")]) == 1
+
+    # a second run reads the files: no dVAE encoding, the same tokenizer ids
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr("dalle_lightning.data.token_cache.encode_dataset", no_encoding)
+    again = TokenDataModule(shapes(), dvae, sha, str(tmp_path / "cache"), 64, 16)
+    again.setup()
+    assert torch.equal(again.split_tokens("train")["codes"], tokens["codes"])
+    batch = next(iter(again.val_dataloader()))
+    assert torch.equal(batch["text"], dm.tokenizer.encode(batch["caption"]))
+    assert batch["codes"].shape == (8, 64)
+
+    # another dVAE (or other data) gets its own cache files
+    with pytest.raises(AssertionError, match="reused"):
+        TokenDataModule(shapes(), dvae, "0" * 64, str(tmp_path / "cache"), 64, 16).setup()
+    with pytest.raises(AssertionError, match="reused"):
+        TokenDataModule(shapes(n=25), dvae, sha, str(tmp_path / "cache"), 64, 16).setup()
+
+
+def test_bpe_dropout_in_the_training_loader_only(tiny_dvae, tmp_path):
+    dvae = DVAE.from_checkpoint(tiny_dvae)
+    dm = TokenDataModule(
+        shapes(), dvae, file_sha256(tiny_dvae), str(tmp_path), 64, 32, bpe_dropout=1.0
+    )
+    dm.setup()
+    train_batch = next(iter(dm.train_dataloader()))
+    val_batch = next(iter(dm.val_dataloader()))
+    # dropout 1.0: every merge is dropped, one id per letter
+    letters = [sum(c.isalpha() for c in caption) for caption in train_batch["caption"]]
+    lengths = (train_batch["text"] < 64).sum(1).tolist()
+    assert lengths == [min(n, 32) for n in letters]
+    assert torch.equal(val_batch["text"], dm.tokenizer.encode(val_batch["caption"]))
+
+
+def test_fast_dev_run_dalle(make_cfg, tiny_dvae, tmp_path):
+    cfg = make_cfg(["model=dalle", "debug=fdr", f"model.dvae_ckpt={tiny_dvae}", *DATA, *NET])
+    value, summary = train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    for key in ("train/text_loss", "train/image_loss", "val/loss", "test/image_loss"):
+        assert metrics[key] is not None, key
+    assert value == metrics["val/loss"]
+    # untrained: about ln(vocabulary) per token
+    assert abs(metrics["val/image_loss"] - torch.tensor(32.0).log().item()) < 0.5
+
+
+def test_training_checkpoint_rebuilds_dalle_and_generates(make_cfg, tiny_dvae, tmp_path):
+    cfg = make_cfg(
+        [
+            "model=dalle",
+            "debug=limit",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            f"model.dvae_ckpt={tiny_dvae}",
+            *DATA,
+            *NET,
+        ]
+    )
+    _, summary = train(cfg)
+    ckpt = summary["checkpoints"]["last"]
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert raw["prior_config"]["grid_size"] == 8 and raw["prior_config"]["image_vocab"] == 32
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert (tmp_path / "samples" / "step_0000004.png").is_file()
+    assert len((tmp_path / "samples" / "captions.txt").read_text().splitlines()) == 2
+
+    model = DALLE.from_checkpoint(ckpt)
+    images = model.generate(["a red circle on the left"], num_images=3, seed=1)
+    assert images.shape == (3, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, model.generate(["a red circle on the left"], 3, seed=1))
+
+    gen_dir = tmp_path / "gen"
+    ecfg = make_cfg(
+        [
+            "task=generate",
+            f"ckpt_path={ckpt}",
+            'prompts=["a red circle on the left","a blue square"]',
+            "num_images=2",
+        ],
+        config_name="evaluate",
+    )
+    ecfg.paths.output_dir = str(gen_dir)
+    result = evaluate(ecfg)
+    pngs = [Path(g["png"]) for g in result["generated"]]
+    assert [p.name for p in pngs] == ["000_a_red_circle_on_the_left.png", "001_a_blue_square.png"]
+    assert all(p.is_file() for p in pngs)
+    assert json.loads((gen_dir / "metrics.json").read_text())["generated"][1]["prompt"] == (
+        "a blue square"
+    )
+
+
+def test_newest_finished_dvae_run_is_found(tiny_dvae, tmp_path):
+    for name, ckpt in (("old", tiny_dvae), ("unfinished", None)):
+        run = tmp_path / "logs" / "train_dvae" / "runs" / name
+        run.mkdir(parents=True)
+        if ckpt:
+            summary = {"checkpoints": {"best": str(ckpt), "last": None}}
+            (run / "metrics.json").write_text(json.dumps(summary))
+    assert resolve_dvae_ckpt(None, str(tmp_path / "logs")) == tiny_dvae
+
+
+def test_without_a_dvae_one_line_says_train_it_first(tmp_path):
+    result = run_script("train.py", "model=dalle", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: model.dvae_ckpt=None is invalid")
+    assert "python train.py model=dvae" in lines[-1]
+
+
+def test_generate_needs_prompts(tmp_path, tiny_dvae):
+    result = run_script("evaluate.py", "task=generate", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "error: prompts=None is invalid: a non-empty list of captions" in result.stderr

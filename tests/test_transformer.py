@@ -1,0 +1,155 @@
+"""The prior: causality, cached == uncached generation, SDPA == FlexAttention, heads, sizes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
+from dalle_lightning.modules.losses import prior_loss
+from dalle_lightning.sampling.generate import filter_logits, sample_codes
+
+T, GRID, TEXT_VOCAB, IMAGE_VOCAB = 6, 4, 40, 24
+
+
+def tiny(attention: str = "sparse", backend: str = "sdpa", depth: int = 4) -> PriorTransformer:
+    torch.manual_seed(0)
+    config = PriorConfig(
+        text_vocab=TEXT_VOCAB,
+        text_seq_len=T,
+        image_vocab=IMAGE_VOCAB,
+        grid_size=GRID,
+        dim=32,
+        depth=depth,
+        heads=4,
+        attention=attention,
+        conv_kernel=3,
+        backend=backend,
+    )
+    return PriorTransformer(config).eval()
+
+
+def inputs(batch: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, TEXT_VOCAB + T, (batch, T), generator=g)
+    codes = torch.randint(0, IMAGE_VOCAB, (batch, GRID * GRID), generator=g)
+    return text, codes
+
+
+def test_output_heads_predict_text_ids_on_text_and_codes_on_image():
+    model = tiny()
+    out = model(*inputs())
+    assert out.text_logits.shape == (3, T, TEXT_VOCAB + T)  # text ids and pad ids
+    assert out.image_logits.shape == (3, GRID * GRID, IMAGE_VOCAB)
+
+
+@pytest.mark.parametrize("attention", ["full", "sparse"])
+def test_changing_a_later_token_never_changes_earlier_logits(attention):
+    model = tiny(attention)
+    text, codes = inputs()
+    base = model(text, codes)
+    # image code k is the input of image slot k + 1: slots <= k must not move
+    for k in (0, 5, GRID * GRID - 2):
+        changed = codes.clone()
+        changed[:, k] = (changed[:, k] + 1) % IMAGE_VOCAB
+        out = model(text, changed)
+        torch.testing.assert_close(out.image_logits[:, : k + 1], base.image_logits[:, : k + 1])
+        torch.testing.assert_close(out.text_logits, base.text_logits)
+        assert not torch.allclose(out.image_logits[:, k + 1 :], base.image_logits[:, k + 1 :])
+    # text token j: text slots < j unchanged
+    changed = text.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % TEXT_VOCAB
+    out = model(changed, codes)
+    torch.testing.assert_close(out.text_logits[:, :3], base.text_logits[:, :3])
+    assert not torch.allclose(out.image_logits, base.image_logits)  # the image sees all text
+
+
+@pytest.mark.parametrize("attention", ["full", "sparse"])
+def test_cached_and_uncached_sampling_give_equal_logits(attention):
+    model = tiny(attention)
+    text, _ = inputs(batch=2)
+    runs = [
+        sample_codes(
+            model,
+            text,
+            top_k=10,
+            generator=torch.Generator().manual_seed(3),
+            use_cache=use_cache,
+            keep_logits=True,
+        )
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(runs[0].codes, runs[1].codes)
+    torch.testing.assert_close(runs[0].logits, runs[1].logits, atol=1e-5, rtol=0)
+    # and both equal teacher forcing on the sampled codes
+    torch.testing.assert_close(
+        model(text, runs[0].codes).image_logits, runs[0].logits, atol=1e-5, rtol=0
+    )
+
+
+def test_sampling_is_seeded():
+    model = tiny()
+    text, _ = inputs(batch=2)
+    a = sample_codes(model, text, generator=torch.Generator().manual_seed(5)).codes
+    b = sample_codes(model, text, generator=torch.Generator().manual_seed(5)).codes
+    c = sample_codes(model, text, generator=torch.Generator().manual_seed(6)).codes
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (2, GRID * GRID) and a.min() >= 0 and a.max() < IMAGE_VOCAB
+
+
+@torch.no_grad()
+def test_flex_attention_block_masks_equal_boolean_masks():
+    text, codes = inputs()
+    sdpa = tiny("sparse", "sdpa")(text, codes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager (unfused) FlexAttention on CPU
+        flex = tiny("sparse", "flex")(text, codes)
+    torch.testing.assert_close(flex.image_logits, sdpa.image_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flex.text_logits, sdpa.text_logits, atol=1e-5, rtol=0)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
+    assert torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...
+    kept = torch.isfinite(filter_logits(logits, top_p=0.8)[0])
+    assert kept.tolist() == [True, True, False, False, False]
+    assert probs[:1].sum() < 0.8 <= probs[:2].sum()
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)[0, 0])  # the best id always stays
+
+
+def test_loss_normalises_text_and_image_separately_then_weights_them():
+    text_logits = torch.zeros(2, 4, 10)
+    image_logits = torch.zeros(2, 9, 5)
+    text, codes = torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
+    total, text_loss, image_loss = prior_loss(text_logits, image_logits, text, codes, 1 / 8)
+    torch.testing.assert_close(text_loss, torch.tensor(10.0).log())  # uniform over 10 ids
+    torch.testing.assert_close(image_loss, torch.tensor(5.0).log())
+    torch.testing.assert_close(total, text_loss / 8 + 7 * image_loss / 8)
+
+
+def test_paper_sizes_build_on_the_meta_device():
+    config = PriorConfig(
+        text_vocab=16384,
+        text_seq_len=256,
+        image_vocab=8192,
+        grid_size=32,
+        dim=62 * 64,
+        depth=64,
+        heads=62,
+    )
+    with torch.device("meta"):
+        model = PriorTransformer(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert 11.5e9 < params < 12.5e9  # the paper's 12-billion-parameter transformer
+    assert model.patterns[-1] == "conv" and model.patterns.count("column") == 16
+
+
+def test_bad_sizes_name_the_field():
+    with pytest.raises(ValueError, match=r"dim=100 is invalid: a multiple of heads=8"):
+        PriorConfig(dim=100, heads=8)
+    with pytest.raises(ValueError, match=r"attention='dense' is invalid"):
+        PriorConfig(attention="dense")
