@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from dalle_lightning.config import ConfigError
 from dalle_lightning.instantiate import build, build_all
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from tests.conftest import CONF_DIR
 
 GROUPS = [
@@ -135,3 +136,30 @@ def test_build_names_bad_fields_as_the_user_types_them(make_cfg, override, group
     with pytest.raises(ConfigError) as err:
         build(cfg[group], group)
     assert err.value.field == field
+
+
+def test_shapes_dalle_experiment_is_model_dalle(make_cfg):
+    default, experiment = make_cfg(["model=dalle"]), make_cfg(["experiment=shapes_dalle"])
+    for key in ("model", "dataset", "trainer"):
+        assert default[key] == experiment[key], key
+
+
+def test_paper_dalle_has_the_paper_sizes_and_builds_on_meta(make_cfg):
+    cfg = make_cfg(["experiment=paper_dalle"])
+    text, net = cfg.model.text, cfg.model.net
+    assert (text.vocab_size, text.text_seq_len) == (16384, 256)
+    assert (net.depth, net.heads, net.dim // net.heads, net.attention) == (64, 62, 64, "sparse")
+    assert tuple(cfg.model.optimizer.betas) == (0.9, 0.96) and cfg.model.grad_clip_norm == 4.0
+    with torch.device("meta"):  # grid and codes from the paper dVAE's config, as in training
+        dvae = DVAE(DVAEConfig(**make_cfg(["experiment=paper_dvae"]).model.net))
+        prior = PriorTransformer(
+            PriorConfig(
+                text_vocab=text.vocab_size,
+                text_seq_len=text.text_seq_len,
+                image_vocab=dvae.vocab_size,
+                grid_size=dvae.grid_size,
+                **cfg.model.net,
+            )
+        )
+    assert prior.config.seq_len == 256 + 32 * 32
+    assert 11.5e9 < sum(p.numel() for p in prior.parameters()) < 12.5e9

@@ -156,6 +156,21 @@ def test_training_checkpoint_rebuilds_dalle_and_generates(make_cfg, tiny_dvae, t
         "a blue square"
     )
 
+    # attribute accuracy: real images are the checker's reference (100%); a random dVAE and
+    # an untrained prior draw nothing recognisable
+    acc_dir = tmp_path / "acc"
+    acfg = make_cfg(
+        ["task=attributes", f"ckpt_path={ckpt}", "num_captions=6", "dataset.image_size=32"],
+        config_name="evaluate",
+    )
+    acfg.paths.output_dir = str(acc_dir)
+    result = evaluate(acfg)["attributes"]
+    for name in ("seen", "heldout"):
+        assert result[name]["real"]["accuracy"] == 1.0
+        assert result[name]["generated"]["accuracy"] < 0.5
+        assert (acc_dir / f"attributes_{name}.png").is_file()
+    assert result["heldout"]["split"] == "heldout" and result["seen"]["num_captions"] == 6
+
 
 def test_newest_finished_dvae_run_is_found(tiny_dvae, tmp_path):
     for name, ckpt in (("old", tiny_dvae), ("unfinished", None)):

@@ -1,6 +1,7 @@
 """`evaluate(cfg)`: what `python evaluate.py` runs.
 
 `task=generate`: images for captions from a stage-2 checkpoint (see `generating.py`).
+`task=attributes`: attribute-checker accuracy of generated shapes, seen and held-out pairs.
 
 Stage 1 (`model=dvae`): reconstruction quality of a trained dVAE on a dataset split with hard
 (argmax) codes: NLL, KL, PSNR, codebook perplexity and usage, written to metrics.json.
@@ -17,13 +18,14 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 from dalle_lightning.config import require, require_choice
-from dalle_lightning.generating import generate
+from dalle_lightning.evaluation.attribute_accuracy import attribute_accuracy
+from dalle_lightning.generating import generate, load_dalle
 from dalle_lightning.instantiate import build, build_all, check_trainer
 from dalle_lightning.run_summary import collect_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
-TASKS = ("metrics", "generate")
+TASKS = ("metrics", "generate", "attributes")
 SPLITS = ("train", "val", "test", "heldout")
 
 
@@ -32,6 +34,8 @@ def evaluate(cfg: DictConfig) -> dict:
     require_choice("task", cfg.task, TASKS)
     if cfg.task == "generate":
         return generate(cfg)
+    if cfg.task == "attributes":
+        return attribute_accuracy(cfg, *load_dalle(cfg))
     require_choice("split", cfg.split, SPLITS)
     ckpt_path = cfg.get("ckpt_path")
     require(

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torchvision.utils import make_grid, save_image
 
-from dalle_lightning.config import require, require_int
+from dalle_lightning.config import ConfigError, require, require_int
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.run_summary import latest_checkpoint, run_header, write_metrics
 from dalle_lightning.sampling.generate import check_sampling
@@ -25,6 +25,31 @@ log = logging.getLogger(__name__)
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+
+
+def load_dalle(cfg: DictConfig) -> tuple[DALLE, str]:
+    """The stage-2 model of `ckpt_path` (default: the newest finished train_dalle run), with
+    the sampling settings checked first."""
+    sampling = dict(cfg.sampling)
+    require_int("sampling.batch_size", sampling.pop("batch_size"), 1)
+    try:
+        check_sampling(**sampling)
+    except ConfigError as err:
+        raise err.at("sampling") from None
+    ckpt_path = cfg.get("ckpt_path") or latest_checkpoint(cfg.paths.log_dir, "train_dalle")
+    require(
+        ckpt_path is not None and Path(ckpt_path).is_file(),
+        "ckpt_path",
+        cfg.get("ckpt_path"),
+        "a stage-2 checkpoint (none found under logs/train_dalle: run "
+        "`python train.py model=dalle` first)",
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("DALL-E checkpoint: %s (%s)", ckpt_path, device)
+    try:
+        return DALLE.from_checkpoint(ckpt_path, map_location=device), str(ckpt_path)
+    except RuntimeError as err:
+        raise ConfigError("ckpt_path", str(ckpt_path), str(err)) from None
 
 
 def generate(cfg: DictConfig) -> dict:
@@ -39,23 +64,7 @@ def generate(cfg: DictConfig) -> dict:
         """a non-empty list of captions, e.g. prompts='["a red circle on the left"]'""",
     )
     require_int("num_images", cfg.num_images, 1)
-    sampling = dict(cfg.sampling)
-    require_int("sampling.batch_size", sampling.pop("batch_size"), 1)
-    check_sampling(**{k: sampling[k] for k in ("temperature", "top_k", "top_p")})
-    ckpt_path = cfg.get("ckpt_path") or latest_checkpoint(cfg.paths.log_dir, "train_dalle")
-    require(
-        ckpt_path is not None and Path(ckpt_path).is_file(),
-        "ckpt_path",
-        cfg.get("ckpt_path"),
-        "a stage-2 checkpoint (none found under logs/train_dalle: run "
-        "`python train.py model=dalle` first)",
-    )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    log.info("DALL-E checkpoint: %s (%s)", ckpt_path, device)
-    try:
-        model = DALLE.from_checkpoint(ckpt_path, map_location=device)
-    except RuntimeError as err:
-        require(False, "ckpt_path", str(ckpt_path), str(err))
+    model, ckpt_path = load_dalle(cfg)
 
     out_dir = Path(cfg.paths.output_dir) / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,9 +73,8 @@ def generate(cfg: DictConfig) -> dict:
         images = model.generate(
             [prompt],
             cfg.num_images,
-            batch_size=cfg.sampling.batch_size,
             seed=cfg.seed + i,
-            **sampling,
+            **cfg.sampling,
         )
         path = out_dir / f"{i:03d}_{_slug(prompt)}.png"
         nrow = min(cfg.num_images, 8)

@@ -1,0 +1,181 @@
+"""Speed of the four hot paths, printed as one JSON object:
+
+    python -m dalle_lightning.benchmark [--dim 256 --depth 4 --heads 8 --text-seq-len 32
+        --image-size 64 --grid 16 --batch 8 --threads 2] [--only generate,prior_train]
+
+prior_train  one AdamW step of the prior on [text | image] tokens: seconds_per_step and
+             tokens_per_s = batch x (text_seq_len + grid^2) / seconds_per_step
+generate     sampling a full image per caption with the KV cache, plus dVAE decoding:
+             seconds_per_batch and images_per_s (complete decoded images per second)
+dvae_train   one AdamW step of the dVAE (Gumbel-softmax, logit-Laplace + KL): images_per_s
+dvae_encode  argmax codes of images: images_per_s
+
+Random weights and inputs (speed does not depend on them); fp32 on CPU, or on the GPU when
+`--device cuda`. Timings are medians over `--repeats` runs after `--warmup` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
+from dalle_lightning.modules.losses import kl_to_uniform, logit_laplace_nll, prior_loss
+from dalle_lightning.sampling.generate import sample_codes
+
+PARTS = ("prior_train", "generate", "dvae_train", "dvae_encode")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--text-seq-len", type=int, default=32)
+    p.add_argument("--text-vocab", type=int, default=512)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--grid", type=int, default=16, help="image tokens per side")
+    p.add_argument("--image-vocab", type=int, default=512)
+    p.add_argument("--attention", default="sparse", choices=("full", "sparse"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS)
+    )
+    args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(PARTS)
+    if unknown:
+        p.error(
+            f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}"
+        )
+    ratio = args.image_size / args.grid
+    if args.image_size % args.grid or ratio != 2 ** round(math.log2(ratio)):
+        p.error(f"--image-size {args.image_size} / --grid {args.grid} must be a power of 2")
+    return args
+
+
+def timed(fn: Callable[[], object], warmup: int, repeats: int, device: str) -> float:
+    """Median seconds of one call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(args: argparse.Namespace) -> tuple[PriorTransformer, DVAE]:
+    prior = PriorTransformer(
+        PriorConfig(
+            text_vocab=args.text_vocab,
+            text_seq_len=args.text_seq_len,
+            image_vocab=args.image_vocab,
+            grid_size=args.grid,
+            dim=args.dim,
+            depth=args.depth,
+            heads=args.heads,
+            attention=args.attention,
+        )
+    ).to(args.device)
+    group_count = round(math.log2(args.image_size // args.grid)) + 1
+    dvae = DVAE(
+        DVAEConfig(
+            image_size=args.image_size,
+            vocab_size=args.image_vocab,
+            group_count=group_count,
+        )
+    ).to(args.device, memory_format=torch.channels_last)
+    return prior, dvae
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    prior, dvae = build(args)
+    B, T, N, dev = args.batch, args.text_seq_len, args.grid**2, args.device
+    text = torch.randint(0, args.text_vocab + T, (B, T), device=dev)
+    codes = torch.randint(0, args.image_vocab, (B, N), device=dev)
+    images = torch.rand(B, 3, args.image_size, args.image_size, device=dev).contiguous(
+        memory_format=torch.channels_last
+    )
+    wanted = args.only.split(",")
+    result: dict = {}
+    t = lambda fn: timed(fn, args.warmup, args.repeats, dev)  # noqa: E731
+
+    if "prior_train" in wanted:
+        opt = torch.optim.AdamW(prior.parameters(), lr=1e-4)
+
+        def prior_step() -> None:
+            out = prior(text, codes)
+            loss = prior_loss(out.text_logits, out.image_logits, text, codes, 1 / 8)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        prior.train()
+        s = t(prior_step)
+        result["prior_train"] = {"seconds_per_step": s, "tokens_per_s": B * (T + N) / s}
+
+    if "generate" in wanted:
+        prior.eval()
+        generator = torch.Generator(device=dev).manual_seed(0)
+
+        def generate() -> None:
+            sampled = sample_codes(prior, text, generator=generator).codes
+            dvae.decode(sampled.view(B, args.grid, args.grid))
+
+        s = t(generate)
+        result["generate"] = {"seconds_per_batch": s, "images_per_s": B / s}
+
+    if "dvae_train" in wanted:
+        opt = torch.optim.AdamW(dvae.parameters(), lr=1e-4)
+        subpixels = images[0].numel()
+
+        def dvae_step() -> None:
+            out = dvae(images, tau=1.0)
+            nll = logit_laplace_nll(out.stats, images) / subpixels
+            loss = (nll + 6.6 * kl_to_uniform(out.logits) / subpixels).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        s = t(dvae_step)
+        result["dvae_train"] = {"seconds_per_step": s, "images_per_s": B / s}
+
+    if "dvae_encode" in wanted:
+        s = t(lambda: dvae.encode(images))
+        result["dvae_encode"] = {"images_per_s": B / s}
+
+    result["config"] = {
+        **{k: v for k, v in vars(args).items() if k != "only"},
+        "parts": wanted,
+        "prior_parameters": sum(p.numel() for p in prior.parameters()),
+        "dvae_parameters": sum(p.numel() for p in dvae.parameters()),
+        "dtype": "float32",
+        "torch": torch.__version__,
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps(run(parse_args(argv)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
