@@ -15,7 +15,7 @@ from dalle_lightning.data.token_datamodule import TokenDataModule
 from dalle_lightning.evaluating import evaluate
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
-from dalle_lightning.modules.dalle_module import resolve_dvae_ckpt
+from dalle_lightning.modules.dalle_module import DalleModule, resolve_dvae_ckpt
 from dalle_lightning.training import train
 from tests.conftest import run_script
 
@@ -194,3 +194,38 @@ def test_generate_needs_prompts(tmp_path, tiny_dvae):
     result = run_script("evaluate.py", "task=generate", f"paths.log_dir={tmp_path}")
     assert result.returncode == 2
     assert "error: prompts=None is invalid: a non-empty list of captions" in result.stderr
+
+
+def test_learning_rate_warms_up_then_halves_on_plateaus(tiny_dvae):
+    module = DalleModule(
+        net={"dim": 16, "depth": 1, "heads": 2},
+        dvae_ckpt=str(tiny_dvae),
+        warmup_steps=10,
+        plateau_patience=1,
+        max_lr_halvings=2,
+    )
+    assert module.lr_factor(0) == pytest.approx(0.1) and module.lr_factor(9) == 1.0
+    for val_loss in (3.0, 2.0, 1.5, 1.0):  # improving: never halved
+        module._plateau_update(val_loss)
+    assert module.lr_halvings == 0
+    module._plateau_update(1.0)  # one validation without improvement: within patience
+    assert module.lr_halvings == 0
+    module._plateau_update(1.2)  # two: halve
+    assert module.lr_halvings == 1 and module.lr_factor(100) == 0.5
+    for _ in range(10):
+        module._plateau_update(5.0)
+    assert module.lr_halvings == 2  # at most max_lr_halvings
+
+
+def test_weight_decay_skips_gains_biases_and_embeddings(make_cfg, tiny_dvae):
+    module = DalleModule(net={"dim": 16, "depth": 1, "heads": 2}, dvae_ckpt=str(tiny_dvae))
+    module.trainer = type("T", (), {"model": module})()  # configure_optimizers reads trainer.model
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    linear_weights = {
+        id(m.weight) for m in module.model.prior.modules() if isinstance(m, torch.nn.Linear)
+    }
+    assert {id(p) for p in decay["params"]} == linear_weights
+    assert no_decay["weight_decay"] == 0.0
+    assert id(module.model.prior.text_embedding.weight) in {id(p) for p in no_decay["params"]}
+    assert all(p.requires_grad for p in no_decay["params"])  # the frozen dVAE is not optimised

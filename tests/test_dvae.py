@@ -9,6 +9,7 @@ import torch
 
 from dalle_lightning.config import ConfigError
 from dalle_lightning.models.dvae import DVAE, DVAEConfig, DVAEOutput, gumbel_softmax
+from dalle_lightning.models.image_tokenizer import ImageTokenizer
 
 SMALL = DVAEConfig(
     image_size=32, vocab_size=64, n_hid=16, n_init=8, group_count=3, n_blk_per_group=1
@@ -159,3 +160,7 @@ def test_gumbel_softmax_hard_is_one_hot_with_soft_gradient():
     assert set(z.detach().unique().tolist()) <= {0.0, 1.0}
     (z * torch.arange(5.0)).sum().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_dvae_is_an_image_tokenizer(model):
+    assert isinstance(model, ImageTokenizer)

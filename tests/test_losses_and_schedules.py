@@ -9,7 +9,12 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from dalle_lightning.modules.dvae_module import DVAEModule
-from dalle_lightning.modules.losses import kl_to_uniform, logit_laplace_nll, mse_nll
+from dalle_lightning.modules.losses import (
+    code_usage_kl,
+    kl_to_uniform,
+    logit_laplace_nll,
+    mse_nll,
+)
 from dalle_lightning.modules.schedules import cosine_anneal
 
 NET = dict(image_size=32, vocab_size=64, n_hid=16, n_init=8, group_count=3, n_blk_per_group=1)
@@ -80,3 +85,16 @@ def test_training_loss_is_normalised_by_subpixels():
     nll, kl = module._terms(out.stats, out.logits, images)
     raw = (logit_laplace_nll(out.stats, images) + 6.6 * kl_to_uniform(out.logits)) / (3 * 32 * 32)
     assert torch.allclose(nll + 6.6 * kl, raw, atol=1e-5)
+
+
+def test_code_usage_kl_is_zero_for_even_use_and_ln_k_for_one_code():
+    K = 16
+    even = torch.zeros(2, K, 4, 4)  # every position uniform: the average is uniform
+    assert code_usage_kl(even).item() == pytest.approx(0.0, abs=1e-6)
+    one_code = torch.full((2, K, 4, 4), -1e4)
+    one_code[:, 3] = 0.0
+    assert code_usage_kl(one_code).item() == pytest.approx(math.log(K), rel=1e-5)
+    # confident positions that together use every code equally cost nothing
+    spread = torch.full((1, K, 4, 4), -1e4)
+    spread.view(1, K, 16)[0, torch.arange(16), torch.arange(16)] = 0.0
+    assert code_usage_kl(spread).item() == pytest.approx(0.0, abs=1e-5)

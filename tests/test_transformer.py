@@ -9,7 +9,7 @@ import torch
 
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
-from dalle_lightning.sampling.generate import filter_logits, sample_codes
+from dalle_lightning.sampling.generate import filter_logits, gumbel_max, sample_codes
 
 T, GRID, TEXT_VOCAB, IMAGE_VOCAB = 6, 4, 40, 24
 
@@ -153,3 +153,11 @@ def test_bad_sizes_name_the_field():
         PriorConfig(dim=100, heads=8)
     with pytest.raises(ValueError, match=r"attention='dense' is invalid"):
         PriorConfig(attention="dense")
+
+
+def test_gumbel_max_samples_the_softmax_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]]).expand(20000, 4)
+    ids = gumbel_max(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).float() / len(ids)
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
+    assert freq[3] == 0  # filtered ids are never drawn

@@ -40,10 +40,12 @@ def score(images: torch.Tensor, records: list[dict]) -> dict:
         for kind, n in result.checked.items():
             checked[kind] = checked.get(kind, 0) + n
             passed[kind] = passed.get(kind, 0) + result.passed[kind]
-    return {
-        "accuracy": matches / len(records),
-        "per_attribute": {k: passed[k] / checked[k] for k in sorted(checked)},
-    }
+    # "extra" is only recorded when an unmentioned object is found: report its absence rate
+    extra_found = checked.pop("extra", 0)
+    passed.pop("extra", None)
+    rates = {k: passed[k] / checked[k] for k in sorted(checked)}
+    rates["no_extra_object"] = 1 - extra_found / len(records)
+    return {"accuracy": matches / len(records), "per_attribute": rates}
 
 
 def attribute_accuracy(cfg: DictConfig, model: DALLE, ckpt_path: str) -> dict:

@@ -13,6 +13,7 @@ rate warmed up linearly, then halved whenever val/loss stops improving for
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,7 +65,6 @@ def resolve_dvae_ckpt(dvae_ckpt: str | None, runs_dir: str) -> Path:
         "run `python train.py model=dvae` first, or pass model.dvae_ckpt=PATH",
     )
     log.info("dVAE: %s (the newest finished run; set model.dvae_ckpt=PATH to choose)", found)
-    print(f"dVAE checkpoint: {found}")
     return found
 
 
@@ -135,6 +135,7 @@ class DalleModule(LightningModule):
         self.dvae_sha256 = file_sha256(dvae_path)
         self.lr_halvings, self._best_val, self._bad_validations = 0, float("inf"), 0
         self._sample_captions: list[str] = []
+        self._val_total = torch.zeros(2)
 
     # data ----------------------------------------------------------------------------------
     def token_datamodule(self, images: ImageTextDataModule) -> TokenDataModule:
@@ -191,24 +192,31 @@ class DalleModule(LightningModule):
         return self._losses(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._losses(batch, "val")
+        loss = self._losses(batch, "val").detach()
+        n = batch["codes"].shape[0]
+        self._val_total = self._val_total + torch.stack([loss * n, loss.new_tensor(n)])
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._losses(batch, "test")
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_total = torch.zeros(2, device=self.device)  # sum of loss x batch, images
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        val_loss = self.trainer.callback_metrics.get("val/loss")
-        if val_loss is not None:
-            self._plateau_update(float(val_loss))
+        # this epoch's val/loss, computed here: callback_metrics may still hold the last one
+        total, count = self.trainer.strategy.reduce(self._val_total, reduce_op="sum")
+        if count > 0:
+            self._plateau_update(float(total / count))
         self.log("train/lr_halvings", float(self.lr_halvings))
         if self._sample_captions:
             self._log_samples()
 
     # learning rate: linear warm-up, then halve on plateaus ---------------------------------
     def _plateau_update(self, val_loss: float) -> None:
-        if val_loss < self._best_val - 1e-4 * abs(self._best_val):
+        best = self._best_val
+        if not math.isfinite(best) or val_loss < best - 1e-4 * abs(best):  # improved
             self._best_val, self._bad_validations = val_loss, 0
             return
         self._bad_validations += 1

@@ -4,6 +4,8 @@ Objective per image (the negative ELB with the KL weight beta):
     loss = [ NLL(x | z) + beta * KL(q_phi(z|x) || uniform) ] / (C * H * W)
 with z a Gumbel-softmax relaxation of q_phi(z|x) at temperature tau. Dividing by the number
 of subpixels makes the effective KL weight beta / 192 at 256 px, as in the paper.
+Optionally (not in the paper; `usage_weight` > 0) plus usage_weight * KL(batch-average q_phi
+|| uniform), which counters codebook collapse on small, simple data (`losses.code_usage_kl`).
 
 Schedules (pure functions of the global step, so a resumed run continues them exactly):
 beta 0 -> beta over `kl_warmup_steps`, tau 1 -> 1/16 over `temp_anneal_steps`, learning rate
@@ -30,7 +32,12 @@ from torchvision.utils import make_grid, save_image
 
 from dalle_lightning.config import ConfigError, require_choice, require_float, require_int
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
-from dalle_lightning.modules.losses import kl_to_uniform, logit_laplace_nll, mse_nll
+from dalle_lightning.modules.losses import (
+    code_usage_kl,
+    kl_to_uniform,
+    logit_laplace_nll,
+    mse_nll,
+)
 from dalle_lightning.modules.schedules import cosine_anneal
 
 RECON_LOSSES = ("logit_laplace", "mse")
@@ -45,6 +52,7 @@ class DVAEModule(LightningModule):
         net: dict,
         optimizer: Callable | None = None,
         beta: float = 6.6,
+        usage_weight: float = 0.0,
         kl_warmup_steps: int = 5000,
         tau_start: float = 1.0,
         tau_end: float = 1 / 16,
@@ -58,6 +66,7 @@ class DVAEModule(LightningModule):
     ):
         super().__init__()
         require_float("beta", beta, 0.0)
+        require_float("usage_weight", usage_weight, 0.0)
         require_int("kl_warmup_steps", kl_warmup_steps, 0)
         require_float("tau_start", tau_start, 1e-4)
         require_float("tau_end", tau_end, 1e-4)
@@ -118,6 +127,10 @@ class DVAEModule(LightningModule):
         out = self.net(images, tau=tau)
         nll, kl = self._terms(out.stats, out.logits, images)
         loss = (nll + beta * kl).mean()
+        if self.hparams.usage_weight:
+            usage = code_usage_kl(out.logits)
+            loss = loss + self.hparams.usage_weight * usage
+            self.log("train/code_usage_kl", usage)
         self.log_dict({"train/loss": loss, "train/nll": nll.mean(), "train/kl": kl.mean()})
         self.log_dict({"train/tau": tau, "train/beta": beta})
         return loss

@@ -55,6 +55,18 @@ def kl_to_uniform(logits: Tensor) -> Tensor:
     return kl.flatten(1).sum(1)
 
 
+def code_usage_kl(logits: Tensor) -> Tensor:
+    """KL(q_bar || uniform) of the batch's average posterior q_bar = mean over images and
+    grid positions of q_phi(z|x): a scalar in [0, ln K], 0 when all K codes are used equally.
+
+    Not in the paper. The paper's KL term is per position and pulls every position's posterior
+    towards uniform; this one penalises only a batch that uses few codes, which counters
+    codebook collapse without making each position's code uncertain.
+    """
+    q_bar = F.softmax(logits.float(), dim=1).mean(dim=(0, 2, 3))
+    return math.log(logits.shape[1]) + (q_bar * q_bar.clamp_min(1e-12).log()).sum()
+
+
 def prior_loss(
     text_logits: Tensor, image_logits: Tensor, text: Tensor, codes: Tensor, text_weight: float
 ) -> tuple[Tensor, Tensor, Tensor]:

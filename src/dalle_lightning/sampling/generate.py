@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dalle_lightning.config import require_float, require_int
-from dalle_lightning.models.dvae import DVAE
+from dalle_lightning.models.image_tokenizer import ImageTokenizer
 from dalle_lightning.models.transformer import PriorTransformer
 from dalle_lightning.text.tokenizer import BPETokenizer
 
@@ -39,6 +39,17 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keeps the first id always
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def gumbel_max(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One id per row, drawn from softmax(logits): argmax(logits + Gumbel noise).
+
+    Same distribution as `torch.multinomial(softmax(logits))`, several times faster per
+    decoding step on CPU.
+    """
+    u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    tiny = torch.finfo(u.dtype).tiny
+    return (logits - torch.log(-torch.log(u.clamp_min(tiny)))).argmax(-1)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -76,15 +87,15 @@ def sample_codes(
         logits = logits.float()
         if keep_logits:
             kept.append(logits)
-        probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-        codes[:, p] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        filtered = filter_logits(logits / temperature, top_k, top_p)
+        codes[:, p] = gumbel_max(filtered, generator)
     return Samples(codes, torch.stack(kept, 1) if keep_logits else None)
 
 
 @torch.no_grad()
 def generate_images(
     prior: PriorTransformer,
-    dvae: DVAE,
+    dvae: ImageTokenizer,
     tokenizer: BPETokenizer,
     captions: Sequence[str],
     num_images: int = 1,
