@@ -114,6 +114,10 @@ class Attention(nn.Module):
             from torch.nn.attention.flex_attention import flex_attention
 
             out = flex_attention(q, k, v, block_mask=block_mask)
+        elif t == 1:  # one decoding step: plain matmuls beat the fused CPU kernel here
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, 1, start + 1)
+            allowed = mask[start, : start + 1]
+            out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
         else:
             allowed = mask[start : start + t, : start + t]  # rows of the new slots
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
