@@ -53,14 +53,18 @@ class ImageTextDataModule(LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         self.setup()
+        return self.make_loader(self.datasets[split], train, collate_image_text)
+
+    def make_loader(self, dataset: Dataset, train: bool, collate_fn) -> DataLoader:
+        """This datamodule's batch sizes and workers over any dataset (stage 2 reuses it)."""
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_image_text,
+            collate_fn=collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -117,15 +117,8 @@ class TokenDataModule(LightningDataModule):
         return tokenizer
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        return DataLoader(
-            TokenDataset(self.split_tokens(split)),
-            batch_size=self.images.batch_size if train else self.images.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.images.num_workers,
-            persistent_workers=self.images.num_workers > 0,
-            collate_fn=TokenCollate(self.tokenizer, self.bpe_dropout if train else 0.0),
-        )
+        collate = TokenCollate(self.tokenizer, self.bpe_dropout if train else 0.0)
+        return self.images.make_loader(TokenDataset(self.split_tokens(split)), train, collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
