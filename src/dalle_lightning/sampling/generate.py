@@ -60,7 +60,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         require_float("top_p", top_p, 1e-6, 1.0)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_codes(
     prior: PriorTransformer,
     text: Tensor,
