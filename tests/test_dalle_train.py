@@ -190,7 +190,7 @@ def test_without_a_dvae_one_line_says_train_it_first(tmp_path):
     assert "python train.py model=dvae" in lines[-1]
 
 
-def test_generate_needs_prompts(tmp_path, tiny_dvae):
+def test_generate_needs_prompts(tmp_path):
     result = run_script("evaluate.py", "task=generate", f"paths.log_dir={tmp_path}")
     assert result.returncode == 2
     assert "error: prompts=None is invalid: a non-empty list of captions" in result.stderr
@@ -217,7 +217,7 @@ def test_learning_rate_warms_up_then_halves_on_plateaus(tiny_dvae):
     assert module.lr_halvings == 2  # at most max_lr_halvings
 
 
-def test_weight_decay_skips_gains_biases_and_embeddings(make_cfg, tiny_dvae):
+def test_weight_decay_skips_gains_biases_and_embeddings(tiny_dvae):
     module = DalleModule(net={"dim": 16, "depth": 1, "heads": 2}, dvae_ckpt=str(tiny_dvae))
     module.trainer = type("T", (), {"model": module})()  # configure_optimizers reads trainer.model
     optimizer = module.configure_optimizers()["optimizer"]
@@ -229,3 +229,13 @@ def test_weight_decay_skips_gains_biases_and_embeddings(make_cfg, tiny_dvae):
     assert no_decay["weight_decay"] == 0.0
     assert id(module.model.prior.text_embedding.weight) in {id(p) for p in no_decay["params"]}
     assert all(p.requires_grad for p in no_decay["params"])  # the frozen dVAE is not optimised
+
+
+def test_truncation_is_reported_once_per_run(tiny_dvae, tmp_path, caplog):
+    dvae = DVAE.from_checkpoint(tiny_dvae)
+    dm = TokenDataModule(shapes(), dvae, file_sha256(tiny_dvae), str(tmp_path), 64, 4)
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+        dm.setup("test")  # Lightning calls setup again for trainer.test
+    warnings = [r.message for r in caplog.records if "are truncated" in r.getMessage()]
+    assert len(warnings) == 1

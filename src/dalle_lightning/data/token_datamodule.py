@@ -65,6 +65,7 @@ class TokenDataModule(LightningDataModule):
         self.bpe_dropout = bpe_dropout
         self.tokenizer = tokenizer
         self.tokens: dict[str, dict] = {}
+        self._truncation_reported = False
 
     def split_tokens(self, split: str) -> dict:
         if split not in self.tokens:
@@ -83,6 +84,9 @@ class TokenDataModule(LightningDataModule):
         captions = self.split_tokens("train")["captions"]
         if self.tokenizer is None:
             self.tokenizer = self._trained_tokenizer(captions)
+        if self._truncation_reported:  # Lightning calls setup again for test: report once
+            return
+        self._truncation_reported = True
         long, total = self.tokenizer.count_truncated(captions)
         if long:
             log.warning(

@@ -67,7 +67,7 @@ def attribute_accuracy(cfg: DictConfig, model: DALLE, ckpt_path: str) -> dict:
         f"the dVAE's image size, {model.dvae.config.image_size}",
     )
     device = model.dvae.decoder.blocks.input.weight.device
-    sampling = {k: v for k, v in cfg.sampling.items()}
+    sampling = dict(cfg.sampling)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {}

@@ -45,7 +45,9 @@ SAMPLING_FIELDS = {"temperature": 1.0, "top_k": None, "top_p": None}
 def _fields(group: str, given: dict | None, defaults: dict) -> dict:
     """`defaults` updated with `given`; an unknown key is a ConfigError naming it."""
     given = dict(given or {})
-    for key in sorted(set(given) - set(defaults)):
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        key = unknown[0]
         raise ConfigError(
             f"{group}.{key}", given[key], f"not a field; {group} has " + ", ".join(defaults)
         )
