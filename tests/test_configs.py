@@ -107,6 +107,7 @@ def test_paper_dvae_has_the_paper_sizes_and_schedules(make_cfg):
     )
     assert cfg.model.kl_warmup_steps == 5000 and cfg.model.temp_anneal_steps == 150_000
     assert cfg.model.beta == 6.6 and cfg.model.usage_weight == 0.0  # no demo deviations
+    assert cfg.model.recon_loss == "logit_laplace" and cfg.model.tau_end == 0.0625
     assert cfg.model.optimizer.lr == 1e-4
     assert cfg.model.optimizer.lr * cfg.model.lr_final_ratio == pytest.approx(1.25e-6)
     assert cfg.model.lr_decay_steps == 1_200_000 and cfg.trainer.max_steps == 3_000_000
