@@ -73,8 +73,9 @@ def test_overfit_debug_config_learns(make_cfg):
         [
             "debug=overfit",
             "trainer.max_steps=100",
-            "model.optimizer.lr=3e-3",
+            "model.optimizer.lr=1e-2",
             "model.kl_warmup_steps=1000",
+            "model.temp_anneal_steps=100",  # hard codes at the end, as validation uses them
             "logger=none",
             "callbacks=none",
             "test=false",
@@ -108,7 +109,7 @@ def test_cli_rejects_image_size_the_dvae_cannot_divide(tmp_path):
 
 def test_cli_rejects_unknown_dataset_and_model(tmp_path):
     result = run_script("train.py", "dataset=imagenet", f"paths.log_dir={tmp_path}")
-    _one_line_error(result, "dataset='imagenet'", "one of shapes")
+    _one_line_error(result, "dataset='imagenet'", "one of coco, cub, folder, shapes")
     result = run_script("train.py", "-m", "model=dvae,vqgan", f"paths.log_dir={tmp_path}")
     _one_line_error(result, "model='vqgan'", "dvae")
 
