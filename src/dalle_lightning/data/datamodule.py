@@ -47,6 +47,11 @@ class ImageTextDataModule(LightningDataModule):
         """Everything that decides the images and captions of every split (token cache key)."""
         raise NotImplementedError
 
+    def cache_dataset(self, split: str) -> Dataset:
+        """What the stage-2 token cache encodes for `split` (no random augmentation)."""
+        self.setup()
+        return self.datasets[split]
+
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
             self.datasets = self.build_datasets()

@@ -22,14 +22,22 @@ log = logging.getLogger(__name__)
 
 
 class TokenDataset(Dataset):
-    def __init__(self, tokens: dict):
+    """Cached codes with a caption: with `random_caption` (training) one of the image's
+    captions drawn each time when the cache holds several (COCO: ~5), else its first."""
+
+    def __init__(self, tokens: dict, random_caption: bool = False):
         self.codes, self.captions = tokens["codes"], tokens["captions"]
+        self.all_captions = tokens.get("all_captions") if random_caption else None
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict:
-        return {"codes": self.codes[index].flatten().long(), "caption": self.captions[index]}
+        caption = self.captions[index]
+        if self.all_captions is not None:
+            options = self.all_captions[index]
+            caption = options[int(torch.randint(len(options), ()))]
+        return {"codes": self.codes[index].flatten().long(), "caption": caption}
 
 
 class TokenCollate:
@@ -74,14 +82,17 @@ class TokenDataModule(LightningDataModule):
                 self.dvae,
                 self.dvae_sha256,
                 self.images.identity(),
-                self.images.datasets[split],
+                self.images.cache_dataset(split),
                 split,
                 self.cache_dir,
             )
         return self.tokens[split]
 
     def setup(self, stage: str | None = None) -> None:
-        captions = self.split_tokens("train")["captions"]
+        tokens = self.split_tokens("train")
+        captions = tokens["captions"]
+        if "all_captions" in tokens:  # several per image (COCO, CUB): learn BPE from all
+            captions = [c for options in tokens["all_captions"] for c in options]
         if self.tokenizer is None:
             self.tokenizer = self._trained_tokenizer(captions)
         if self._truncation_reported:  # Lightning calls setup again for test: report once
@@ -122,7 +133,8 @@ class TokenDataModule(LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         collate = TokenCollate(self.tokenizer, self.bpe_dropout if train else 0.0)
-        return self.images.make_loader(TokenDataset(self.split_tokens(split)), train, collate)
+        dataset = TokenDataset(self.split_tokens(split), random_caption=train)
+        return self.images.make_loader(dataset, train, collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

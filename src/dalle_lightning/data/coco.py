@@ -1,0 +1,44 @@
+"""MS-COCO captions (2014 or 2017) in the official layout:
+
+    <root>/annotations/captions_<split><year>.json
+    <root>/<split><year>/<file_name>.jpg
+
+About five captions per image. The paper evaluates on captions of the val split
+(val2014 in the paper; 30,000 of them for FID/IS).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dalle_lightning.config import require
+from dalle_lightning.data.captioned_images import CaptionedImage, drop_missing
+
+COCO_SPLITS = ("train", "val")
+COCO_YEARS = (2014, 2017)
+
+
+def read_coco(root: str | Path, split: str, year: int = 2017) -> list[CaptionedImage]:
+    """The images of a COCO captions file that exist on disk, in the file's image order."""
+    require(split in COCO_SPLITS, "dataset.split", split, "train or val")
+    require(year in COCO_YEARS, "dataset.year", year, "2014 or 2017")
+    root = Path(root)
+    annotations = root / "annotations" / f"captions_{split}{year}.json"
+    require(
+        annotations.is_file(),
+        "dataset.root",
+        str(root),
+        f"a COCO folder with {annotations.relative_to(root)} (see the README: Datasets)",
+    )
+    data = json.loads(annotations.read_text())
+    captions: dict[int, list[str]] = {}
+    for ann in data["annotations"]:
+        captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+    image_dir = root / f"{split}{year}"
+    items = [
+        CaptionedImage(image_dir / image["file_name"], tuple(captions[image["id"]]))
+        for image in data["images"]
+        if captions.get(image["id"])
+    ]
+    return drop_missing(items, f"COCO {split}{year}")
