@@ -21,7 +21,7 @@ from dalle_lightning.data.file_datamodules import (
 )
 from dalle_lightning.data.folder import read_folder
 from dalle_lightning.data.token_cache import encode_dataset
-from dalle_lightning.data.token_datamodule import TokenDataset
+from dalle_lightning.data.token_datamodule import TokenDataModule, TokenDataset
 from dalle_lightning.instantiate import build
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 
@@ -197,3 +197,15 @@ def test_dataset_configs_build_and_a_wrong_root_names_the_field(make_cfg, option
         build(cfg.dataset, "dataset")
     cfg = make_cfg([f"dataset={option}", f"dataset.root={tmp_path}"])
     assert build(cfg.dataset, "dataset").image_size == 256
+
+
+def test_val_and_test_of_one_source_share_one_token_cache(folder, tmp_path):
+    dm = FolderDataModule(str(folder), image_size=16, val_fraction=0.3, num_workers=0)
+    dvae = DVAE(DVAEConfig(image_size=16, vocab_size=8, n_hid=8, n_init=8, group_count=2))
+    tokens = TokenDataModule(dm, dvae, "sha", str(tmp_path / "cache"), 64, 8)
+    assert tokens.split_tokens("test") is tokens.split_tokens("val")  # encoded once
+    assert tokens.split_tokens("train") is not tokens.split_tokens("val")
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == [
+        "train",
+        "val",
+    ]  # no separate test file

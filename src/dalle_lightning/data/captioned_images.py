@@ -32,15 +32,16 @@ class CaptionedImage:
 
 def drop_missing(items: Sequence[CaptionedImage], what: str) -> list[CaptionedImage]:
     """The items whose image file exists; one log line says how many were dropped."""
-    present = [it for it in items if it.path.is_file()]
-    missing = len(items) - len(present)
+    present, missing = [], []
+    for it in items:
+        (present if it.path.is_file() else missing).append(it)
     if missing:
         log.warning(
             "%s: %d of %d listed images are missing on disk and skipped (first: %s)",
             what,
-            missing,
+            len(missing),
             len(items),
-            next(it.path for it in items if not it.path.is_file()),
+            missing[0].path,
         )
     return present
 

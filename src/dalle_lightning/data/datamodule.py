@@ -47,6 +47,11 @@ class ImageTextDataModule(LightningDataModule):
         """Everything that decides the images and captions of every split (token cache key)."""
         raise NotImplementedError
 
+    def source(self, split: str) -> str:
+        """The data behind `split`: two splits with the same source share one token cache
+        (COCO's val serves val and test). Each split is its own source by default."""
+        return split
+
     def cache_dataset(self, split: str) -> Dataset:
         """What the stage-2 token cache encodes for `split` (no random augmentation)."""
         self.setup()

@@ -25,7 +25,10 @@ TRANSFORMS = {"dvae": DVAETransform, "prior": PriorTransform, "eval": EvalTransf
 
 
 class CaptionedImagesDataModule(ImageTextDataModule):
-    """Subclasses say where each split's list comes from (`read`) and what names the data."""
+    """Subclasses say where each split's list comes from (`read`) and what names the data.
+    The training split reads the dataset's "train"; val and test both read `eval_source`."""
+
+    eval_source = "val"
 
     def __init__(
         self,
@@ -44,8 +47,7 @@ class CaptionedImagesDataModule(ImageTextDataModule):
         self._items: dict[str, list[CaptionedImage]] = {}
 
     def source(self, split: str) -> str:
-        """The dataset's own split that serves `split` (COCO's val serves val and test)."""
-        return split
+        return "train" if split == "train" else self.eval_source
 
     def read(self, source: str) -> list[CaptionedImage]:
         raise NotImplementedError
@@ -82,9 +84,6 @@ class CocoDataModule(CaptionedImagesDataModule):
         super().__init__(root, **kwargs)
         self.year = year
 
-    def source(self, split: str) -> str:
-        return "train" if split == "train" else "val"
-
     def read(self, source: str) -> list[CaptionedImage]:
         return read_coco(self.root, source, self.year)
 
@@ -95,12 +94,11 @@ class CocoDataModule(CaptionedImagesDataModule):
 class CubDataModule(CaptionedImagesDataModule):
     """train: the training classes; val and test: the test classes (`class_split`)."""
 
+    eval_source = "test"
+
     def __init__(self, root: str, class_split: str = "text_to_image", **kwargs):
         super().__init__(root, **kwargs)
         self.class_split = class_split
-
-    def source(self, split: str) -> str:
-        return "train" if split == "train" else "test"
 
     def read(self, source: str) -> list[CaptionedImage]:
         return read_cub(self.root, source, self.class_split)
@@ -119,9 +117,6 @@ class FolderDataModule(CaptionedImagesDataModule):
         super().__init__(root, **kw)
         require(0 < val_fraction < 1, "dataset.val_fraction", val_fraction, "in (0, 1)")
         self.captions_file, self.val_fraction = captions_file, val_fraction
-
-    def source(self, split: str) -> str:
-        return "train" if split == "train" else "val"
 
     def read(self, source: str) -> list[CaptionedImage]:
         everything = read_folder(self.root, self.captions_file)

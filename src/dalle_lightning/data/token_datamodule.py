@@ -76,17 +76,18 @@ class TokenDataModule(LightningDataModule):
         self._truncation_reported = False
 
     def split_tokens(self, split: str) -> dict:
-        if split not in self.tokens:
+        source = self.images.source(split)  # splits with one source share one cache
+        if source not in self.tokens:
             self.images.setup()
-            self.tokens[split] = load_or_encode(
+            self.tokens[source] = load_or_encode(
                 self.dvae,
                 self.dvae_sha256,
                 self.images.identity(),
                 self.images.cache_dataset(split),
-                split,
+                source,
                 self.cache_dir,
             )
-        return self.tokens[split]
+        return self.tokens[source]
 
     def setup(self, stage: str | None = None) -> None:
         tokens = self.split_tokens("train")

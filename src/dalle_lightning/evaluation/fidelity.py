@@ -5,8 +5,8 @@ both sides (its Fig. 9: blur radius 0-8), so `blur_folder` writes a blurred copy
 and the metrics are computed between two folders blurred alike.
 
 Inception weights: torch-fidelity downloads its own (`weights-inception-2015-12-05-6726825d.pth`)
-unless `inception_weights=PATH` names a local copy; `weights_sha256` records which file was
-used. A failed download ends with one line naming that override.
+unless `inception_weights=PATH` names a local copy; `weights_record` says which file was
+used (path and sha256). A failed download ends with one line naming that override.
 """
 
 from __future__ import annotations
