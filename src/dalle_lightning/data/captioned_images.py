@@ -63,6 +63,10 @@ class CaptionedImages(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def captions_of(self, index: int) -> list[str]:
+        """Every caption of item `index`, without reading the image."""
+        return list(self.items[index].captions)
+
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         with Image.open(item.path) as image:

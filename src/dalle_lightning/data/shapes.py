@@ -148,6 +148,10 @@ class ShapesDataset(Dataset):
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
         return {"image": pixels, "caption": caption, "record": record}
 
+    def captions_of(self, index: int) -> list[str]:
+        """Every caption of item `index` (one here; COCO images have five)."""
+        return [self.render(index)[1]]
+
     def render(self, index: int) -> tuple[Image.Image, str, dict]:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, SPLITS.index(self.split), index])

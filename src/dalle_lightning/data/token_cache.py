@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dalle_lightning.data.datamodule import collate_image_text
 from dalle_lightning.models.image_tokenizer import ImageTokenizer
+from dalle_lightning.text.tokenizer import BPETokenizer
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +88,29 @@ def load_or_encode(
     torch.save(tokens, partial)
     partial.replace(path)
     return tokens
+
+
+def load_or_train_tokenizer(
+    captions: list[str], identity: dict, vocab_size: int, text_seq_len: int, cache_dir
+) -> BPETokenizer:
+    """The BPE of a dataset's training captions, trained once per (data, vocab_size) and kept
+    beside the token cache: BPE training breaks ties arbitrarily, so retraining could renumber
+    the ids of a resumed run. The prior and the in-project CLIP of one dataset share it."""
+    path = cache_file(cache_dir, "tokenizer", {"data": identity, "vocab_size": vocab_size})
+    path = path.with_suffix(".json")
+    if path.is_file():
+        log.info("BPE tokenizer: %s", path)
+        return BPETokenizer.load(path, vocab_size, text_seq_len)
+    tokenizer = BPETokenizer.train(captions, vocab_size, text_seq_len)
+    log.info(
+        "BPE tokenizer: %d ids learned (vocab_size %d) from %d training captions -> %s",
+        tokenizer.tokenizer.get_vocab_size(),
+        vocab_size,
+        len(captions),
+        path,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".tmp{os.getpid()}")
+    tokenizer.save(partial)
+    partial.replace(path)
+    return tokenizer

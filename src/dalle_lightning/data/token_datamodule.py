@@ -7,14 +7,13 @@ BPE-dropout applies to the training loader only.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from dalle_lightning.data.datamodule import ImageTextDataModule
-from dalle_lightning.data.token_cache import cache_file, load_or_encode
+from dalle_lightning.data.token_cache import load_or_encode, load_or_train_tokenizer
 from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.text.tokenizer import BPETokenizer
 
@@ -95,7 +94,9 @@ class TokenDataModule(LightningDataModule):
         if "all_captions" in tokens:  # several per image (COCO, CUB): learn BPE from all
             captions = [c for options in tokens["all_captions"] for c in options]
         if self.tokenizer is None:
-            self.tokenizer = self._trained_tokenizer(captions)
+            self.tokenizer = load_or_train_tokenizer(
+                captions, self.images.identity(), self.vocab_size, self.text_seq_len, self.cache_dir
+            )
         if self._truncation_reported:  # Lightning calls setup again for test: report once
             return
         self._truncation_reported = True
@@ -109,28 +110,6 @@ class TokenDataModule(LightningDataModule):
                 100 * long / total,
                 self.text_seq_len,
             )
-
-    def _trained_tokenizer(self, captions: list[str]) -> BPETokenizer:
-        """Trained once per (data, vocab_size) and kept beside the token cache: BPE training
-        breaks ties arbitrarily, so retraining could renumber the ids of a resumed run."""
-        key = {"data": self.images.identity(), "vocab_size": self.vocab_size}
-        path = cache_file(self.cache_dir, "tokenizer", key).with_suffix(".json")
-        if path.is_file():
-            log.info("BPE tokenizer: %s", path)
-            return BPETokenizer.load(path, self.vocab_size, self.text_seq_len)
-        tokenizer = BPETokenizer.train(captions, self.vocab_size, self.text_seq_len)
-        log.info(
-            "BPE tokenizer: %d ids learned (vocab_size %d) from %d training captions -> %s",
-            tokenizer.tokenizer.get_vocab_size(),
-            self.vocab_size,
-            len(captions),
-            path,
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".tmp{os.getpid()}")
-        tokenizer.save(partial)
-        partial.replace(path)
-        return tokenizer
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         collate = TokenCollate(self.tokenizer, self.bpe_dropout if train else 0.0)
