@@ -17,21 +17,14 @@ from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 from dalle_lightning.config import ConfigError
 from dalle_lightning.data.token_cache import file_sha256
 from dalle_lightning.evaluation.fidelity import blur_folder, fid_and_is, save_images, weights_record
+from dalle_lightning.evaluation.random_inception import save_random_inception
 from dalle_lightning.sampling.rerank import best_of_k
 
 
 @pytest.fixture(scope="module")
 def random_inception(tmp_path_factory):
     """torch-fidelity's InceptionV3 with random weights, saved as a local weights file."""
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    mp = pytest.MonkeyPatch()
-    mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: None)
-    mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-    torch.manual_seed(0)
-    model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    mp.undo()
-    torch.save(model.state_dict(), path)
-    return path
+    return save_random_inception(tmp_path_factory.mktemp("inception") / "random_inception.pth")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch_fidelity
 from PIL import Image, ImageFilter
@@ -23,17 +24,33 @@ from dalle_lightning.data.token_cache import file_sha256
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
-def save_images(images: Tensor, folder: str | Path, start: int = 0) -> list[Path]:
-    """(N, 3, H, W) in [0, 1] -> <folder>/<index:06d>.png (8-bit, lossless), numbered from start."""
+def save_images(
+    images: Tensor, folder: str | Path, start: int = 0, names: list[str] | None = None
+) -> list[Path]:
+    """(N, 3, H, W) in [0, 1] -> 8-bit lossless PNGs <folder>/<name>.png, named `names` or
+    numbered <index:06d> from `start`. Each file is written under a temporary name and
+    renamed, so a killed run never leaves a truncated image behind."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    names = names or [f"{i:06d}" for i in range(start, start + len(pixels))]
     paths = []
-    for i, image in enumerate(pixels, start=start):
-        path = folder / f"{i:06d}.png"
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    for name, image in zip(names, pixels, strict=True):
+        path = folder / f"{name}.png"
+        partial = folder / f".{name}.partial"
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(partial, format="PNG")
+        partial.replace(path)
         paths.append(path)
     return paths
+
+
+def load_images(paths: list[Path]) -> Tensor:
+    """PNG files -> (N, 3, H, W) float in [0, 1], exactly the pixels `save_images` wrote."""
+    arrays = []
+    for path in paths:
+        with Image.open(path) as image:
+            arrays.append(torch.from_numpy(np.asarray(image.convert("RGB")).copy()))
+    return torch.stack(arrays).permute(0, 3, 1, 2).float() / 255
 
 
 def blur_folder(source: str | Path, target: str | Path, radius: float) -> Path:
@@ -55,9 +72,12 @@ def fid_and_is(
     device: str = "cpu",
     batch_size: int = 64,
     isc_splits: int = 10,
+    real_cache: tuple[str | Path, str] | None = None,
 ) -> dict:
     """{"fid", "is_mean", "is_std"} of the images in folder `generated` against folder `real`
-    (IS of the generated ones), from torch-fidelity's InceptionV3."""
+    (IS of the generated ones), from torch-fidelity's InceptionV3. `real_cache` = (folder,
+    name) keeps the real images' features in torch-fidelity's cache, for a sweep that compares
+    many generated sets against one real set (the name must be unique to those images)."""
     kwargs = dict(
         input1=str(generated),
         input2=str(real),
@@ -68,6 +88,8 @@ def fid_and_is(
         cuda=str(device).startswith("cuda"),
         verbose=False,
     )
+    if real_cache is not None:
+        kwargs.update(cache=True, cache_root=str(real_cache[0]), input2_cache_name=real_cache[1])
     if inception_weights is not None:
         path = Path(inception_weights)
         if not path.is_file():
