@@ -165,3 +165,29 @@ def test_paper_dalle_has_the_paper_sizes_and_builds_on_meta(make_cfg):
         )
     assert prior.config.seq_len == 256 + 32 * 32
     assert 11.5e9 < sum(p.numel() for p in prior.parameters()) < 12.5e9
+
+
+@pytest.mark.parametrize(
+    ("dataset", "splits", "num_captions"),
+    [("shapes", ["test", "heldout"], 64), ("coco", ["val"], 30000), ("cub", ["test"], None)],
+)
+def test_evaluation_protocol_follows_the_dataset(make_cfg, dataset, splits, num_captions):
+    cfg = make_cfg([f"dataset={dataset}"], config_name="evaluate")
+    assert list(cfg.splits) == splits and cfg.num_captions == num_captions
+    assert list(cfg.rerank_counts) == [1, 2, 4, 8, 16, 32]
+    assert list(cfg.blur_radii) == [0, 1, 2, 4, 8]
+    override = make_cfg([f"dataset={dataset}", "num_captions=32"], config_name="evaluate")
+    assert override.num_captions == 32
+
+
+def test_reranker_options_compose(make_cfg):
+    trained = make_cfg([], config_name="evaluate").reranker
+    assert trained._target_.endswith("TrainedClip") and trained.ckpt_path is None
+    open_clip = make_cfg(["reranker=open_clip"], config_name="evaluate").reranker
+    assert (open_clip.model_name, open_clip.pretrained) == ("ViT-B-32", "openai")
+
+
+def test_clip_model_sets_a_contrastive_batch(make_cfg):
+    cfg = make_cfg(["model=clip"])
+    assert cfg.task_name == "train_clip" and cfg.dataset.batch_size == 64
+    assert cfg.model.net.image_size == cfg.dataset.image_size

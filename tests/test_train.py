@@ -57,7 +57,10 @@ def test_short_run_checkpoints_load_and_evaluate(make_cfg, tmp_path):
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
     eval_dir = tmp_path / "eval"
-    ecfg = make_cfg(["split=heldout", f"ckpt_path={ckpts['last']}", *TINY], config_name="evaluate")
+    ecfg = make_cfg(
+        ["task=reconstruction", "split=heldout", f"ckpt_path={ckpts['last']}", *TINY],
+        config_name="evaluate",
+    )
     with open_dict(ecfg):
         ecfg.paths.output_dir = str(eval_dir)
     result = evaluate(ecfg)

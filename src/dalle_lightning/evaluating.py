@@ -1,10 +1,12 @@
 """`evaluate(cfg)`: what `python evaluate.py` runs.
 
+`task=metrics` (default): FID/IS over CLIP rerank counts and blur radii, with attribute
+accuracy on shapes (see `evaluation/rerank_metrics.py`).
 `task=generate`: images for captions from a stage-2 checkpoint (see `generating.py`).
-`task=attributes`: attribute-checker accuracy of generated shapes, seen and held-out pairs.
-
-Stage 1 (`model=dvae`): reconstruction quality of a trained dVAE on a dataset split with hard
-(argmax) codes: NLL, KL, PSNR, codebook perplexity and usage, written to metrics.json.
+`task=attributes`: best-of-1 attribute-checker accuracy of generated shapes, with the real
+and dVAE-reconstructed images as references (see `evaluation/attribute_accuracy.py`).
+`task=reconstruction`: a dVAE checkpoint's reconstruction quality on a dataset split with
+hard (argmax) codes: NLL, KL, PSNR, codebook perplexity and usage, written to metrics.json.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from omegaconf import DictConfig
 
 from dalle_lightning.config import require, require_choice
 from dalle_lightning.evaluation.attribute_accuracy import attribute_accuracy
+from dalle_lightning.evaluation.rerank_metrics import evaluate_metrics
 from dalle_lightning.generating import generate, load_dalle
 from dalle_lightning.instantiate import build, build_all, check_trainer
 from dalle_lightning.run_summary import collect_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
-TASKS = ("metrics", "generate", "attributes")
+TASKS = ("metrics", "generate", "attributes", "reconstruction")
 SPLITS = ("train", "val", "test", "heldout")
 
 
@@ -36,6 +39,8 @@ def evaluate(cfg: DictConfig) -> dict:
         return generate(cfg)
     if cfg.task == "attributes":
         return attribute_accuracy(cfg, *load_dalle(cfg))
+    if cfg.task == "metrics":
+        return evaluate_metrics(cfg)
     require_choice("split", cfg.split, SPLITS)
     ckpt_path = cfg.get("ckpt_path")
     require(

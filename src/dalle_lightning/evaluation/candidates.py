@@ -1,0 +1,95 @@
+"""The evaluation's captions and its candidate pool (Ramesh et al., 2021, sec. 3.1-3.2).
+
+Captions: `num_captions` distinct captions drawn from a split with a recorded seed (all of
+them when `num_captions` is null or larger than the split).
+
+Candidates: N = max(rerank_counts) images per caption, generated once and written as PNGs as
+they are made: <pool>/<caption:06d>_<candidate:03d>.png. Captions are generated in fixed
+chunks whose random generator is seeded from (seed, split, chunk), so a chunk's images do
+not depend on which chunks ran before: a run killed mid-way and started again skips the
+finished chunks, regenerates the unfinished one, and ends with exactly the same pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from pathlib import Path
+
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from dalle_lightning.evaluation.fidelity import save_images
+from dalle_lightning.models.dalle import DALLE
+
+log = logging.getLogger(__name__)
+
+
+def sample_captions(dataset: Dataset, num: int | None, seed: int) -> list[tuple[int, str]]:
+    """(image index, caption) pairs: `num` distinct captions of `dataset` drawn with `seed`
+    (in drawing order), or every distinct caption in dataset order."""
+    seen: set[str] = set()
+    pairs = []
+    for index in range(len(dataset)):
+        for caption in dataset.captions_of(index):
+            if caption not in seen:
+                seen.add(caption)
+                pairs.append((index, caption))
+    if num is None or num >= len(pairs):
+        if num is not None and num > len(pairs):
+            log.warning("num_captions=%d: the split has only %d distinct captions", num, len(pairs))
+        return pairs
+    return [pairs[j] for j in random.Random(seed).sample(range(len(pairs)), num)]
+
+
+def candidate_name(caption: int, candidate: int) -> str:
+    return f"{caption:06d}_{candidate:03d}"
+
+
+def candidate_paths(folder: Path, num_captions: int, n: int) -> list[list[Path]]:
+    return [[folder / f"{candidate_name(i, j)}.png" for j in range(n)] for i in range(num_captions)]
+
+
+def chunk_seed(seed: int, split: str, chunk: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{split}/{chunk}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def generate_pool(
+    model: DALLE,
+    captions: list[str],
+    n: int,
+    folder: Path,
+    seed: int,
+    split: str,
+    sampling: dict,
+    batch_size: int,
+) -> dict:
+    """Make every missing candidate of `captions`; {"generated", "reused"} image counts."""
+    per_chunk = max(1, batch_size // n)  # captions per chunk: chunk images fill a batch
+    paths = candidate_paths(folder, len(captions), n)
+    generated = reused = 0
+    chunks = range(0, len(captions), per_chunk)
+    bar = tqdm(total=len(captions), desc=f"{split}: captions ({n} candidates each)", unit="cap")
+    for chunk, start in enumerate(chunks):
+        stop = min(start + per_chunk, len(captions))
+        if all(p.is_file() for row in paths[start:stop] for p in row):
+            reused += (stop - start) * n
+            bar.update(stop - start)
+            bar.set_postfix(images=generated + reused)
+            continue
+        images = model.generate(
+            captions[start:stop],
+            n,
+            seed=chunk_seed(seed, split, chunk),
+            batch_size=(stop - start) * n,
+            **sampling,
+        )
+        names = [candidate_name(i, j) for i in range(start, stop) for j in range(n)]
+        save_images(images, folder, names=names)
+        generated += len(names)
+        bar.update(stop - start)
+        bar.set_postfix(images=generated + reused)
+    bar.close()
+    return {"generated": generated, "reused": reused}
