@@ -115,10 +115,17 @@ class ContrastiveModel(nn.Module):
     def encode_image(self, images: Tensor) -> Tensor:
         return F.normalize(self.image(images), dim=-1)
 
+    def scale(self) -> Tensor:
+        """1 / temperature, learned, clamped at 100 (as CLIP)."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def logits(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        """(B, B) from normalised embeddings: row i = image i against every caption."""
+        return self.scale() * image_emb @ text_emb.T
+
     def forward(self, text: Tensor, images: Tensor) -> Tensor:
         """(B, B) logits: row i = image i against every caption, scaled by the temperature."""
-        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-        return scale * self.encode_image(images) @ self.encode_text(text).T
+        return self.logits(self.encode_image(images), self.encode_text(text))
 
     def similarity(self, text: Tensor, images: Tensor) -> Tensor:
         """(B,) cosine similarity of image i and caption i (the reranking score)."""

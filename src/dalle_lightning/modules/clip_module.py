@@ -86,15 +86,15 @@ class ClipModule(LightningModule):
         loss = contrastive_loss(self.net(self._text(batch["caption"]), batch["image"]))
         n = len(batch["caption"])
         self.log("train/loss", loss, batch_size=n, prog_bar=True)
-        self.log("train/temperature", 1 / self.net.logit_scale.exp(), batch_size=n)
+        self.log("train/temperature", 1 / self.net.scale(), batch_size=n)
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         text = self._text(batch["caption"])
         image_emb, text_emb = self.net.encode_image(batch["image"]), self.net.encode_text(text)
-        logits = self.net.logit_scale.exp() * image_emb @ text_emb.T
+        loss = contrastive_loss(self.net.logits(image_emb, text_emb))
         n = len(batch["caption"])
-        self.log(f"{stage}/loss", contrastive_loss(logits), batch_size=n, sync_dist=True)
+        self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True)
         self._val.append((image_emb.float().cpu(), text_emb.float().cpu(), batch["caption"]))
 
     def _eval_epoch_end(self, stage: str) -> None:
