@@ -139,7 +139,7 @@ def test_from_checkpoint_rejects_other_files(tmp_path):
         DVAE.from_checkpoint(path)
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot read dVAE checkpoint"):
+    with pytest.raises(RuntimeError, match="broken.pt.* truncated or corrupt"):
         DVAE.from_checkpoint(broken)
     with pytest.raises(FileNotFoundError):
         DVAE.from_checkpoint(tmp_path / "missing.pt")

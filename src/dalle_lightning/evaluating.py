@@ -19,6 +19,7 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
+from dalle_lightning.checkpoint_file import read_checkpoint
 from dalle_lightning.config import require, require_choice
 from dalle_lightning.evaluation.attribute_accuracy import attribute_accuracy
 from dalle_lightning.evaluation.rerank_metrics import evaluate_metrics
@@ -55,7 +56,10 @@ def evaluate(cfg: DictConfig) -> dict:
     log.info("seed: %s", cfg.seed)
     datamodule = build(cfg.dataset, "dataset")
     module_class = hydra.utils.get_class(cfg.model._target_)
-    module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    read_checkpoint(ckpt_path, trusted=cfg.trust_checkpoint, mmap=True)  # names a bad file
+    module = module_class.load_from_checkpoint(
+        ckpt_path, map_location="cpu", weights_only=not cfg.trust_checkpoint
+    )
     loggers = build_all(cfg.get("logger"), "logger")
     callbacks = build_all(cfg.get("callbacks"), "callbacks")
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)

@@ -47,7 +47,8 @@ def load_dalle(cfg: DictConfig) -> tuple[DALLE, str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("DALL-E checkpoint: %s (%s)", ckpt_path, device)
     try:
-        return DALLE.from_checkpoint(ckpt_path, map_location=device), str(ckpt_path)
+        trusted = bool(cfg.get("trust_checkpoint", False))
+        return DALLE.from_checkpoint(ckpt_path, device, trusted), str(ckpt_path)
     except RuntimeError as err:
         raise ConfigError("ckpt_path", str(ckpt_path), str(err)) from None
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.functional import to_pil_image
 
+from dalle_lightning.checkpoint_file import read_checkpoint
 from dalle_lightning.config import ConfigError, require
 from dalle_lightning.models.clip import ClipConfig, ContrastiveModel
 from dalle_lightning.run_summary import latest_checkpoint
@@ -57,7 +58,7 @@ class TrainedClip:
             f"a CLIP checkpoint (none found under {runs_dir}/train_clip: run "
             "`python train.py model=clip` first, or use reranker=open_clip)",
         )
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path, "reranker.ckpt_path")
         if not ckpt.get("clip_config") or not ckpt.get("tokenizer"):
             raise ConfigError(
                 "reranker.ckpt_path", str(path), "a checkpoint of `python train.py model=clip`"

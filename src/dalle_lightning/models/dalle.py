@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dalle_lightning.checkpoint_file import read_checkpoint
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.sampling.generate import generate_images
@@ -40,11 +41,13 @@ class DALLE(nn.Module):
         }
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DALLE:
+    def from_checkpoint(
+        cls, path: str | Path, map_location: str | torch.device = "cpu", trusted: bool = False
+    ) -> DALLE:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"DALL-E checkpoint not found: {path}")
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = read_checkpoint(path, "ckpt_path", trusted, map_location=map_location)
         missing = [k for k in ("prior_config", "dvae_config", "tokenizer") if not ckpt.get(k)]
         if missing:
             raise RuntimeError(

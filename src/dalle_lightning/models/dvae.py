@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalle_lightning.checkpoint_file import read_checkpoint
 from dalle_lightning.config import ConfigError, require, require_int
 
 LOGIT_LAPLACE_EPS = 0.1  # paper sec. A.3
@@ -270,9 +271,9 @@ class DVAE(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"dVAE checkpoint not found: {path}")
         try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # truncated or not a torch file
-            raise RuntimeError(f"cannot read dVAE checkpoint {path}: {err}") from err
+            ckpt = read_checkpoint(path, "dVAE checkpoint", map_location=map_location)
+        except ConfigError as err:  # truncated, not a torch file, or pickled objects
+            raise RuntimeError(str(err)) from None
         if not isinstance(ckpt, dict) or "dvae_config" not in ckpt or "state_dict" not in ckpt:
             raise RuntimeError(
                 f"{path} is not a dVAE checkpoint (no 'dvae_config'/'state_dict'); "
