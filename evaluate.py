@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dalle_lightning.cli import check_group_choices, exit_on_user_error
+from dalle_lightning.cli import check_group_choices, exit_on_user_error, register_resolvers
 from dalle_lightning.evaluating import evaluate
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -24,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:], CONF_DIR)
+    register_resolvers()
     main()

@@ -12,9 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dalle_lightning.callbacks.nonfinite import NonFiniteError
 from dalle_lightning.config import ConfigError
+from dalle_lightning.resume import register_resolvers
 
+__all__ = ["check_group_choices", "exit_on_user_error", "fail", "register_resolvers"]
 EXIT_USER_ERROR = 2
+EXIT_TRAINING_DIVERGED = 3
 
 
 def fail(message: str) -> None:
@@ -28,6 +32,9 @@ def exit_on_user_error() -> Iterator[None]:
         yield
     except ConfigError as err:
         fail(str(err))
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_TRAINING_DIVERGED) from None
 
 
 def group_options(conf_dir: Path, group: str) -> list[str]:

@@ -14,10 +14,17 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from dalle_lightning.instantiate import build, build_all, check_ckpt_path, check_trainer
+from dalle_lightning.instantiate import (
+    build,
+    build_all,
+    check_monitored,
+    check_run,
+    check_trainer,
+)
 from dalle_lightning.modules.dalle_module import DalleModule
+from dalle_lightning.resume import continue_csv_logs, resume_checkpoint
 from dalle_lightning.run_summary import collect_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -26,24 +33,41 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> tuple[float | None, dict]:
     """Fit and test the configured module; returns (value of cfg.optimized_metric, summary)."""
     started = time.time()
+    check_run(cfg)
     check_trainer(cfg)
-    check_ckpt_path(cfg.get("ckpt_path"))
+    ckpt_path, resumed_step = resume_checkpoint(cfg)
     output_dir = Path(cfg.paths.output_dir)
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    bpe_dropout = OmegaConf.select(cfg, "model.text.bpe_dropout", default=0) or 0
+    if cfg.trainer.get("deterministic") and bpe_dropout > 0:
+        log.warning(
+            "trainer.deterministic=true, but BPE-dropout (model.text.bpe_dropout=%s) draws from "
+            "HF tokenizers' unseeded generator: a stage-2 run repeats bitwise (and resumes "
+            "bitwise) only with model.text.bpe_dropout=0",
+            bpe_dropout,
+        )
     log.info("seed: %s", cfg.seed)
     datamodule = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model")
+    check_monitored(cfg.get("optimized_metric"), module)
     if isinstance(module, DalleModule):  # stage 2 reads cached dVAE codes, never pixels
         datamodule = module.token_datamodule(datamodule)
     loggers = build_all(cfg.get("logger"), "logger")
+    if ckpt_path and output_dir == Path(ckpt_path).parent.parent:  # resumed in place
+        continue_csv_logs(loggers, resumed_step)
     callbacks = build_all(cfg.get("callbacks"), "callbacks")
     if not loggers:  # nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     log.info("run directory: %s", output_dir)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(
+        module,
+        datamodule=datamodule,
+        ckpt_path=ckpt_path,
+        weights_only=not cfg.get("trust_checkpoint", False),
+    )
     fit_metrics = dict(trainer.callback_metrics)
 
     test_metrics: dict = {}
@@ -55,6 +79,10 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
         test_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
     summary = collect_metrics(cfg, trainer, fit_metrics, test_metrics, time.time() - started)
+    if report := datamodule.data_report():
+        summary["data"] = report  # bad images and captions: skipped and converted counts
+    if ckpt_path:
+        summary["resumed_from"] = {"checkpoint": ckpt_path, "step": resumed_step}
     write_metrics(output_dir / "metrics.json", summary)
     log.info("metrics: %s", output_dir / "metrics.json")
     metric_name, value = summary["optimized_metric"]["name"], summary["optimized_metric"]["value"]

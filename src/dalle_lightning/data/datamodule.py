@@ -6,12 +6,14 @@ Batch: {"image": (B, 3, S, S) float in [0, 1], "caption": list[str], "record": l
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from dalle_lightning.config import require_int
+from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws, run_seed
 from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset
 
 
@@ -65,16 +67,29 @@ class ImageTextDataModule(LightningDataModule):
         self.setup()
         return self.make_loader(self.datasets[split], train, collate_image_text)
 
-    def make_loader(self, dataset: Dataset, train: bool, collate_fn) -> DataLoader:
-        """This datamodule's batch sizes and workers over any dataset (stage 2 reuses it)."""
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
+    def make_loader(
+        self, dataset: Dataset, train: bool, collate_fn, owner: LightningDataModule | None = None
+    ) -> DataLoader:
+        """This datamodule's batch sizes and workers over any dataset (stage 2 reuses it).
+
+        The training loader is resumable (`resumable.py`): its order and per-item randomness
+        depend only on (seed, epoch, index), and `owner`'s trainer says where an epoch stands.
+        """
+        common = dict(
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_fn,
+        )
+        if not train:
+            return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **common)
+        seed = run_seed()
+        return ResumableLoader(
+            SeededDraws(dataset, seed),
+            sampler=ResumableSampler(len(dataset), seed),
+            progress=partial(batches_trained, owner or self),
+            batch_size=self.batch_size,
+            drop_last=True,
+            **common,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -86,9 +101,20 @@ class ImageTextDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    def data_report(self) -> dict:
+        """Per source: listed, usable, skipped and converted counts (`quality.py`); the
+        built-in shapes are rendered, so they have none."""
+        return {}
+
     def split_dataloader(self, split: str) -> DataLoader:
         """Any split by name (e.g. 'heldout'), in a fixed order."""
         return self._loader(split)
+
+
+def batches_trained(datamodule: LightningDataModule) -> int:
+    """Batches of the current epoch that training has taken (0 outside `trainer.fit`)."""
+    trainer = datamodule.trainer
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready if trainer else 0
 
 
 class ShapesDataModule(ImageTextDataModule):

@@ -88,6 +88,9 @@ class TokenDataModule(LightningDataModule):
             )
         return self.tokens[source]
 
+    def data_report(self) -> dict:
+        return self.images.data_report()
+
     def setup(self, stage: str | None = None) -> None:
         tokens = self.split_tokens("train")
         captions = tokens["captions"]
@@ -114,7 +117,7 @@ class TokenDataModule(LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         collate = TokenCollate(self.tokenizer, self.bpe_dropout if train else 0.0)
         dataset = TokenDataset(self.split_tokens(split), random_caption=train)
-        return self.images.make_loader(dataset, train, collate)
+        return self.images.make_loader(dataset, train, collate, owner=self)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

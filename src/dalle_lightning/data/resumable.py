@@ -1,0 +1,91 @@
+"""A training order that survives a restart: shuffled by (seed, epoch), resumable mid-epoch.
+
+- `ResumableSampler` yields *draws*, `epoch * n + index`, in an order that depends only on
+  (seed, epoch); after `load_state_dict` it skips the samples of the batches already trained.
+- `SeededDraws` wraps a dataset: a draw is mapped back to its index and the item is built under
+  the torch generator seeded by (seed, draw), restored afterwards. Random crops and caption
+  choices thus depend only on (seed, epoch, index) in the main process and in any worker, and
+  loading never touches the generator the model draws its noise from.
+- `ResumableLoader` is a DataLoader with `state_dict` / `load_state_dict`, Lightning's stateful
+  loader protocol: Lightning stores {epoch, batches done} in every checkpoint and loads it before
+  it iterates again, so a resumed epoch continues with the batch after the last trained one
+  (counted by the trainer, not by the loader, which prefetches ahead).
+BPE-dropout is not covered: HF `tokenizers` draws it from an unseeded generator in Rust.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def run_seed() -> int:
+    """The seed `lightning.seed_everything` set for this run (0 if none was set)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def _generator(seed: int, *keys: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) >> 1)
+
+
+class ResumableSampler(Sampler[int]):
+    def __init__(self, length: int, seed: int, shuffle: bool = True):
+        self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.epoch = 0
+        self.skip = 0  # samples to skip at the start of the next iteration (once)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it at every epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=_generator(self.seed, self.epoch))
+        else:
+            order = torch.arange(self.length)
+        skip, self.skip = self.skip, 0
+        offset = self.epoch * self.length
+        return iter((order[skip:] + offset).tolist())
+
+
+class SeededDraws(Dataset):
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, draw: int):
+        index = draw % len(self.dataset)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(_generator(self.seed, draw).initial_seed()))
+            return self.dataset[index]
+
+
+class ResumableLoader(DataLoader):
+    """`progress()` returns how many batches of the current epoch training has consumed."""
+
+    def __init__(self, dataset: Dataset, *, sampler: ResumableSampler, progress: Callable, **kw):
+        super().__init__(dataset, sampler=sampler, **kw)
+        self.progress = progress
+
+    def state_dict(self) -> dict:
+        if not isinstance(self.sampler, ResumableSampler):  # Lightning swapped it (overfit)
+            return {}
+        return {"epoch": self.sampler.epoch, "batches": int(self.progress())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict or not isinstance(self.sampler, ResumableSampler):
+            return
+        epoch, batches = state_dict["epoch"], state_dict["batches"]
+        if batches >= len(self):  # saved after an epoch's last batch: Lightning starts the next
+            epoch, batches = epoch + 1, 0
+        self.sampler.epoch = epoch
+        self.sampler.skip = batches * self.batch_size

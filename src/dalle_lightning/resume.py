@@ -1,0 +1,91 @@
+"""`resume=true`: continue the newest run of a task in its own run directory.
+
+Hydra picks the run directory through the `dalle_run_dir` resolver (conf/hydra/default.yaml):
+with `resume=true` or `ckpt_path=last` it is the newest `logs/<task_name>/runs/<timestamp>`
+holding `checkpoints/last.ckpt`, so checkpoints, loggers (CSV rows before the checkpoint's step
+are kept; TensorBoard appends to the same folder) and metrics.json continue in place.
+`resume_checkpoint` then names the file to restore; Lightning restores the model, optimizer,
+LR schedulers, callbacks (EMA, checkpoint bookkeeping) and loops, and the resumable training
+loader (data/resumable.py) and `StepSeed` make the data order and random draws continue as if
+the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from dalle_lightning.checkpoint_file import read_checkpoint
+from dalle_lightning.config import ConfigError
+
+log = logging.getLogger(__name__)
+LAST = Path("checkpoints") / "last.ckpt"
+
+
+def latest_resumable(runs: Path) -> Path | None:
+    """The newest run directory under `runs` with a checkpoints/last.ckpt (names are times)."""
+    found = sorted(p.parent.parent for p in runs.glob(f"*/{LAST}"))
+    return found[-1] if found else None
+
+
+def run_dir(runs: str, resume, ckpt_path, stamp: str) -> str:
+    if resume is True or ckpt_path == "last":
+        found = latest_resumable(Path(runs))
+        if found is not None:
+            return str(found)
+    return f"{runs}/{stamp}"  # nothing to resume: train() says so before any work
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("dalle_run_dir", run_dir, replace=True)
+
+
+def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
+    """(checkpoint to restore or None, its global step); every problem as a ConfigError."""
+    resume, ckpt_path = cfg.get("resume", False), cfg.get("ckpt_path")
+    if resume not in (True, False):
+        raise ConfigError("resume", resume, "true or false")
+    if resume and ckpt_path not in (None, "last"):
+        raise ConfigError(
+            "resume", resume, "false when ckpt_path is a file (pass one or the other)"
+        )
+    if ckpt_path in ("best",):
+        raise ConfigError("ckpt_path", ckpt_path, "a checkpoint file, or last (= resume=true)")
+    if resume or ckpt_path == "last":
+        path = Path(cfg.paths.output_dir) / LAST
+        if not path.is_file():
+            raise ConfigError(
+                "resume",
+                True,
+                f"a run of {cfg.task_name} with {LAST} under "
+                f"{Path(cfg.paths.output_dir).parent}: none found; start it without resume=true",
+            )
+    elif ckpt_path is None:
+        return None, 0
+    else:
+        path = Path(ckpt_path)
+    ckpt = read_checkpoint(path, "ckpt_path", bool(cfg.get("trust_checkpoint")), mmap=True)
+    step = int(ckpt.get("global_step", 0))
+    log.info("resuming from %s (step %d)", path, step)
+    return str(path), step
+
+
+def continue_csv_logs(loggers: list, step: int) -> None:
+    """Keep the rows a CSVLogger wrote before `step` (Lightning's writer would delete them).
+    Rows carry the step index of the batch that logged them: the checkpoint at global step
+    `step` holds the batches with indices below it, so those rows stay and the rest are
+    written again by the resumed run."""
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="") as file:
+            rows = [r for r in csv.DictReader(file) if r.get("step") and int(r["step"]) < step]
+        writer = logger.experiment  # deletes the old file; the kept rows go back at its next save
+        writer.metrics = [{k: v for k, v in r.items() if v != ""} for r in rows] + writer.metrics

@@ -1,0 +1,221 @@
+"""Resume after a kill with nothing lost; checkpoint files that are safe to read and to write."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dalle_lightning.checkpoint_file import read_checkpoint
+from dalle_lightning.config import ConfigError
+from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws
+from tests.conftest import ROOT, run_script
+
+RUN = [
+    "model=dvae",
+    "model.net.n_hid=8",
+    "model.net.n_init=8",
+    "model.net.vocab_size=32",
+    "dataset.image_size=32",
+    "dataset.num_train=48",  # 6 batches per epoch: the run crosses epochs
+    "dataset.num_val=8",
+    "dataset.num_test=8",
+    "dataset.eval_batch_size=8",
+    "trainer.max_steps=40",
+    "trainer.val_check_interval=15",
+    "trainer.deterministic=true",
+    "callbacks=[default,ema]",  # the EMA state must survive too
+    "callbacks.last_checkpoint.every_n_train_steps=4",
+    "~callbacks.rich_progress_bar",
+    "logger=csv",
+    "trainer.log_every_n_steps=1",
+    "test=false",
+]
+
+
+def _train(log_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_script("train.py", *RUN, f"paths.log_dir={log_dir}", *extra)
+
+
+def _last(log_dir: Path) -> Path:
+    (path,) = log_dir.glob("train_dvae/runs/*/checkpoints/last.ckpt")
+    return path
+
+
+def _assert_same_tensors(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+
+
+def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path):
+    full = _train(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", *RUN, f"paths.log_dir={killed_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(killed_dir.glob("train_dvae/runs/*/checkpoints/last.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the kill"
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere between two checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(_last(killed_dir), weights_only=True)["global_step"]
+    assert 0 < killed_at < 40, f"the kill came too late (step {killed_at}) to test anything"
+
+    resumed = _train(killed_dir, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(list(killed_dir.glob("train_dvae/runs/*"))) == 1  # continued in the same run dir
+
+    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    b = torch.load(_last(killed_dir), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 40
+    for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
+        _assert_same_tensors(a[key], b[key], key)  # weights, EMA, AdamW moments, LR schedule
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+    # the logger run continues: every training log step once, up to the end
+    (metrics_csv,) = killed_dir.glob("train_dvae/runs/*/csv/metrics.csv")
+    with metrics_csv.open() as file:
+        steps = [int(r["step"]) for r in csv.DictReader(file) if r.get("train/loss")]
+    assert steps == list(range(40))
+
+
+@pytest.mark.parametrize("step_seed", [True, False])
+def test_resume_from_a_step_checkpoint_matches_only_with_step_seeding(tmp_path, step_seed):
+    """The equality is not free: without re-seeding per step the Gumbel noise differs."""
+    extra = ["trainer.max_steps=12", "callbacks=[default]", "trainer.val_check_interval=6"]
+    extra += [] if step_seed else ["~callbacks.step_seed"]
+    keep = [  # every 4-step checkpoint as its own file
+        "callbacks.last_checkpoint.save_top_k=-1",
+        "+callbacks.last_checkpoint.filename='s{step}'",
+        "+callbacks.last_checkpoint.auto_insert_metric_name=false",
+    ]
+    assert _train(tmp_path / "full", *extra, *keep).returncode == 0
+    (step4,) = (tmp_path / "full").glob("train_dvae/runs/*/checkpoints/s4.ckpt")
+    resumed = _train(tmp_path / "resumed", *extra, f"ckpt_path={step4}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    b = torch.load(_last(tmp_path / "resumed"), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    same = all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert same == step_seed
+
+
+def test_sampler_order_depends_on_seed_and_epoch_only_and_skips_done_batches():
+    sampler = ResumableSampler(10, seed=3)
+    sampler.set_epoch(2)
+    epoch2 = list(sampler)
+    assert sorted(d % 10 for d in epoch2) == list(range(10)) and min(epoch2) >= 20
+    again = ResumableSampler(10, seed=3)
+    again.set_epoch(2)
+    assert list(again) == epoch2
+    sampler.set_epoch(1)
+    assert [d % 10 for d in sampler] != [d % 10 for d in epoch2]
+
+    loader = ResumableLoader(
+        SeededDraws(list(range(10)), seed=3),
+        sampler=ResumableSampler(10, seed=3),
+        progress=lambda: 2,
+        batch_size=3,
+        drop_last=True,
+    )
+    loader.sampler.set_epoch(2)
+    assert loader.state_dict() == {"epoch": 2, "batches": 2}
+    loader.load_state_dict({"epoch": 2, "batches": 2})
+    assert [b.tolist() for b in loader] == [[d % 10 for d in epoch2[6:9]]]
+    loader.load_state_dict({"epoch": 2, "batches": 3})  # the epoch was finished: next one
+    assert loader.sampler.epoch == 3 and loader.sampler.skip == 0
+
+
+def test_seeded_draws_repeat_their_randomness_and_leave_the_global_generator_alone():
+    class Noisy:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return index, torch.rand(())
+
+    data = SeededDraws(Noisy(), seed=0)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first, second, other_epoch = data[6], data[6], data[10]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert first[0] == other_epoch[0] == 2
+    assert first[1] == second[1] and first[1] != other_epoch[1]
+
+
+def test_resume_without_a_previous_run_says_so(tmp_path):
+    result = run_script("train.py", "resume=true", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "resume=True is invalid" in line and "train_dvae" in line and "last.ckpt" in line
+
+
+def test_truncated_checkpoint_is_reported_with_its_path(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(256, 256)}}, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ConfigError, match="truncated or corrupt") as err:
+        read_checkpoint(path)
+    assert str(path) in str(err.value)
+    result = run_script("train.py", f"ckpt_path={path}", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert str(path) in line and "truncated or corrupt" in line
+    assert not list(tmp_path.glob("train_dvae/runs/*/checkpoints/*.ckpt"))  # nothing started
+
+
+def test_checkpoints_with_pickled_objects_need_an_explicit_flag(tmp_path):
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"args": argparse.Namespace(lr=1.0), "global_step": 3}, path)
+    with pytest.raises(ConfigError, match="trust_checkpoint=true"):
+        read_checkpoint(path)
+    assert read_checkpoint(path, trusted=True)["args"].lr == 1.0
+
+
+def test_a_kill_during_a_checkpoint_save_never_leaves_a_truncated_file(tmp_path):
+    """Lightning writes checkpoints through fsspec's transaction (temp file, then rename)."""
+    path = tmp_path / "last.ckpt"
+    script = (
+        "import sys, torch\n"
+        "from lightning.pytorch.plugins.io import TorchCheckpointIO\n"
+        "io = TorchCheckpointIO()\n"
+        "for i in range(10**6):\n"
+        "    io.save_checkpoint({'i': i, 'w': torch.full((4_000_000,), float(i))}, sys.argv[1])\n"
+    )
+    saves = []
+    for delay in (0.05, 0.13, 0.29):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path)])
+        deadline = time.time() + 120
+        while not path.exists():  # the first save of this process is complete
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.005)
+        first = torch.load(path, weights_only=True)["i"]
+        time.sleep(delay)  # now somewhere inside a later save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = TorchCheckpointIO().load_checkpoint(path, weights_only=True)  # never partial
+        assert torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["i"])))
+        saves.append(ckpt["i"] - first)
+        path.unlink()
+    assert max(saves) > 0, "no save completed after the first one; nothing was tested"
+    leftovers = [p for p in os.listdir(tmp_path) if p != "last.ckpt"]
+    assert len(leftovers) <= 3  # at most one temporary file per killed save
