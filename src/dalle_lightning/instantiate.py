@@ -7,7 +7,6 @@ starts, naming the field as the user types it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -15,7 +14,13 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from dalle_lightning.config import ConfigError, require, require_choice, require_int
+from dalle_lightning.config import (
+    ConfigError,
+    require,
+    require_choice,
+    require_float,
+    require_int,
+)
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
@@ -33,7 +38,8 @@ def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
             raise ConfigError(
                 group, cfg.get("_target_"), f"valid arguments only: {cause}"
             ) from None
-        raise ConfigError(group, cfg.get("_target_"), f"could not be built: {err}") from None
+        detail = " ".join(f"{type(cause).__name__}: {cause}".split()) if cause else str(err)
+        raise ConfigError(group, cfg.get("_target_"), f"could not be built: {detail}") from None
     except ConfigError as err:
         raise _under(err, group) from None
 
@@ -48,6 +54,52 @@ def build_all(cfg: DictConfig | None, group: str) -> list[Any]:
 def _under(err: ConfigError, group: str) -> ConfigError:
     root = group.split(".")[0]
     return err if err.field.split(".")[0] == root else err.at(group)
+
+
+def check_run(cfg: DictConfig) -> None:
+    """The top-level fields of train.yaml and the optimizer, before anything is built."""
+    seed = cfg.get("seed")
+    require(
+        isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
+        "seed",
+        seed,
+        "an integer in [0, 2**32)",
+    )
+    for flag in ("test", "resume", "trust_checkpoint"):
+        value = cfg.get(flag, False)
+        require(isinstance(value, bool), flag, value, "true or false")
+    optimizer = cfg.model.get("optimizer") if cfg.get("model") else None
+    if optimizer:
+        check_optimizer(optimizer)
+
+
+def check_optimizer(optimizer: DictConfig) -> None:
+    """AdamW's arguments (lr, betas, eps, weight_decay), named `model.optimizer.*`."""
+    field = "model.optimizer"
+    lr = optimizer.get("lr")
+    require_float(f"{field}.lr", lr, 1e-12)
+    if "weight_decay" in optimizer:
+        require_float(f"{field}.weight_decay", optimizer.weight_decay, 0.0)
+    if "eps" in optimizer:
+        require_float(f"{field}.eps", optimizer.eps, 0.0)
+    if "betas" in optimizer:
+        betas = list(optimizer.betas) if hasattr(optimizer.betas, "__len__") else optimizer.betas
+        require(
+            isinstance(betas, list)
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+            f"{field}.betas",
+            betas,
+            "two numbers in [0, 1), e.g. [0.9, 0.96]",
+        )
+
+
+def check_monitored(metric: str | None, module: Any) -> None:
+    """`optimized_metric` (what checkpoints keep and sweeps optimise) must be logged."""
+    known = getattr(type(module), "VALIDATION_METRICS", None)
+    if metric is None or known is None:
+        return
+    require_choice("optimized_metric", metric, known)
 
 
 def check_trainer(cfg: DictConfig) -> None:
@@ -75,6 +127,11 @@ def check_trainer(cfg: DictConfig) -> None:
             "cpu or auto on this machine (no CUDA GPU is visible); e.g. trainer=cpu",
         )
     require_choice("trainer.precision", str(t.get("precision", "32-true")), PRECISIONS)
+    for key in ("accumulate_grad_batches", "log_every_n_steps"):
+        if t.get(key) is not None:
+            require_int(f"trainer.{key}", t.get(key), 1)
+    if t.get("gradient_clip_val") is not None:
+        require_float("trainer.gradient_clip_val", t.gradient_clip_val, 0.0)
     devices = t.get("devices", "auto")
     require(
         devices == "auto"
@@ -93,8 +150,3 @@ def check_trainer(cfg: DictConfig) -> None:
         vci,
         "an integer number of steps >= 1 or a fraction of an epoch in (0, 1]",
     )
-
-
-def check_ckpt_path(ckpt_path: str | None, field: str = "ckpt_path") -> None:
-    if ckpt_path is not None and ckpt_path not in ("last", "best"):
-        require(Path(ckpt_path).is_file(), field, ckpt_path, "an existing checkpoint file")

@@ -63,6 +63,7 @@ class PriorConfig:
         require_float("dropout", self.dropout, 0.0, 1.0)
         require_choice("attention", self.attention, SCHEDULES)
         require_int("conv_kernel", self.conv_kernel, 1)
+        require(self.conv_kernel % 2 == 1, "conv_kernel", self.conv_kernel, "an odd integer (11)")
         require_choice("backend", self.backend, BACKENDS)
 
     @property

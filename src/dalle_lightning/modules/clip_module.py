@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 class ClipModule(LightningModule):
     """Field names in errors are relative to the `model` config group."""
 
+    VALIDATION_METRICS = ("val/loss", "val/r1_image_to_text", "val/r1_text_to_image")
+
     def __init__(
         self,
         net: dict,

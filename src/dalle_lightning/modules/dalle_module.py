@@ -73,6 +73,8 @@ def resolve_dvae_ckpt(dvae_ckpt: str | None, runs_dir: str) -> Path:
 class DalleModule(LightningModule):
     """Field names in errors are relative to the `model` config group."""
 
+    VALIDATION_METRICS = ("val/loss", "val/text_loss", "val/image_loss")
+
     def __init__(
         self,
         net: dict,
@@ -143,6 +145,13 @@ class DalleModule(LightningModule):
     def token_datamodule(self, images: ImageTextDataModule) -> TokenDataModule:
         """Stage-2 batches over `images`: cached codes of this module's dVAE, BPE text."""
         text = self.hparams.text
+        size, trained_at = images.identity().get("image_size"), self.model.dvae.config.image_size
+        require(
+            size in (None, trained_at),
+            "dataset.image_size",
+            size,
+            f"{trained_at}, the size the dVAE was trained at (its grid is the prior's)",
+        )
         return TokenDataModule(
             images,
             self.model.dvae,

@@ -47,6 +47,16 @@ class DVAEModule(LightningModule):
     """Field names in errors are relative to the `model` config group; `instantiate.build`
     places them under it (`model.beta`, `model.net.image_size`)."""
 
+    # what a checkpoint callback or a sweep can monitor (checked before training starts)
+    VALIDATION_METRICS = (
+        "val/loss",
+        "val/nll",
+        "val/kl",
+        "val/psnr",
+        "val/codebook_perplexity",
+        "val/codebook_used",
+    )
+
     def __init__(
         self,
         net: dict,
@@ -69,7 +79,7 @@ class DVAEModule(LightningModule):
         require_float("usage_weight", usage_weight, 0.0)
         require_int("kl_warmup_steps", kl_warmup_steps, 0)
         require_float("tau_start", tau_start, 1e-4)
-        require_float("tau_end", tau_end, 1e-4)
+        require_float("tau_end", tau_end, 1e-4, tau_start)
         require_int("temp_anneal_steps", temp_anneal_steps, 0)
         require_float("lr_final_ratio", lr_final_ratio, 0.0, 1.0)
         if lr_decay_steps is not None:

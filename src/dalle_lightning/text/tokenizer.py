@@ -20,7 +20,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import Tensor
 
-from dalle_lightning.config import require_float, require_int
+from dalle_lightning.config import ConfigError, require_float, require_int
 
 UNK = "[UNK]"
 END_OF_WORD = "</w>"
@@ -33,8 +33,12 @@ class BPETokenizer:
         require_int("vocab_size", vocab_size, 2)
         require_int("text_seq_len", text_seq_len, 1)
         learned = tokenizer.get_vocab_size()
-        if learned > vocab_size:
-            raise ValueError(f"the tokenizer has {learned} ids, more than vocab_size={vocab_size}")
+        if learned > vocab_size:  # the captions' alphabet and the special ids need `learned`
+            raise ConfigError(
+                "model.text.vocab_size",
+                vocab_size,
+                f"at least {learned}: the captions' characters and special ids alone need that",
+            )
         self.tokenizer, self.vocab_size, self.text_seq_len = tokenizer, vocab_size, text_seq_len
 
     @classmethod

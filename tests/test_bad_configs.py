@@ -1,0 +1,47 @@
+"""Bad config values fail before any work, with one line naming the field, value and what is
+allowed (the entry scripts print it and exit 2: tests/test_train.py runs a few through the CLI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dalle_lightning.config import ConfigError
+from dalle_lightning.training import train
+
+SMALL = ["dataset.num_val=8", "dataset.num_test=8", "trainer.max_steps=2", "logger=none"]
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "allowed"),
+    [
+        ("seed=-1", "seed", "[0, 2**32)"),
+        ("test=maybe", "test", "true or false"),
+        ("resume=1", "resume", "true or false"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches", ">= 1"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps", ">= 1"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val", ">= 0"),
+        ("trainer.precision=17", "trainer.precision", "16-mixed"),
+        ("trainer.devices=0", "trainer.devices", ">= 1"),
+        ("model.optimizer.lr=0", "model.optimizer.lr", ">= 1e-12"),
+        ("model.optimizer.weight_decay=-1", "model.optimizer.weight_decay", ">= 0"),
+        ("model.optimizer.betas=[0.9]", "model.optimizer.betas", "two numbers"),
+        ("model.tau_end=2", "model.tau_end", "[0.0001, 1.0]"),
+        ("model.recon_loss=l1", "model.recon_loss", "logit_laplace, mse"),
+        ("optimized_metric=val/nope", "optimized_metric", "val/psnr"),
+        ("dataset.batch_size=0", "dataset.batch_size", ">= 1"),
+        ("callbacks.nonfinite_guard.max_in_row=0", "callbacks.nonfinite_guard.max_in_row", ">= 1"),
+        ("callbacks.model_checkpoint.save_top_k=-2", "callbacks.model_checkpoint", "save_top_k"),
+        ("ckpt_path=/no/such.ckpt", "ckpt_path", "an existing checkpoint file"),
+        ("resume=true ckpt_path=/no/such.ckpt", "resume", "one or the other"),
+        ("model=clip model.optimizer.lr=-1", "model.optimizer.lr", ">= 1e-12"),
+        ("model=dalle model.dvae_ckpt=/no/dvae.ckpt", "model.dvae_ckpt", "dVAE checkpoint"),
+    ],
+)
+def test_bad_value_fails_before_any_work(make_cfg, tmp_path, override, field, allowed):
+    cfg = make_cfg([*SMALL, *override.split(" ")])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert err.value.field == field
+    message = str(err.value)
+    assert "\n" not in message and allowed in message
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "metrics.json").exists()
