@@ -20,6 +20,7 @@ from dalle_lightning.data.file_datamodules import (
     FolderDataModule,
 )
 from dalle_lightning.data.folder import read_folder
+from dalle_lightning.data.quality import audit
 from dalle_lightning.data.token_cache import encode_dataset
 from dalle_lightning.data.token_datamodule import TokenDataModule, TokenDataset
 from dalle_lightning.instantiate import build
@@ -39,14 +40,20 @@ needs_coco = pytest.mark.skipif(not COCO_MINI.is_dir(), reason="shared/assets/co
 
 @needs_coco
 def test_coco_val2017_keeps_the_images_on_disk_and_reports_the_missing_once(caplog):
+    listed = read_coco(COCO_MINI, "val", 2017)
+    assert len(listed) == 5000
     with caplog.at_level(logging.WARNING):
-        items = read_coco(COCO_MINI, "val", 2017)
+        items, report = audit(listed, max_pixels=10**8, num_workers=0, what="coco val")
     on_disk = {p.name for p in (COCO_MINI / "val2017").glob("*.jpg")}
     assert len(items) == len(on_disk) == 159
     assert {it.path.name for it in items} == on_disk
     assert all(len(it.captions) >= 5 for it in items)
     warnings = [r.getMessage() for r in caplog.records if "missing" in r.getMessage()]
     assert len(warnings) == 1 and "4841 of 5000" in warnings[0]
+    assert report["skipped"] == {"missing": 4841} and report["converted"] == {"greyscale": 1}
+    # far more than 10% missing: a datamodule stops unless told to train on the rest
+    with pytest.raises(ConfigError, match=r"max_bad_fraction=0.1 .*4841 of 5000 .*missing 4841"):
+        CocoDataModule(str(COCO_MINI), image_size=64, num_workers=0).setup()
     # the captions belong to their image (checked against the JSON by hand for one image)
     data = json.loads((COCO_MINI / "annotations" / "captions_val2017.json").read_text())
     first = items[0]
@@ -57,7 +64,9 @@ def test_coco_val2017_keeps_the_images_on_disk_and_reports_the_missing_once(capl
 
 @needs_coco
 def test_coco_datamodule_gives_rgb_crops_and_a_caption_of_the_image(caplog):
-    dm = CocoDataModule(str(COCO_MINI), image_size=64, eval_batch_size=32, num_workers=0)
+    dm = CocoDataModule(
+        str(COCO_MINI), image_size=64, eval_batch_size=32, num_workers=0, max_bad_fraction=1.0
+    )
     with caplog.at_level(logging.WARNING):
         dm.setup()
     assert len(dm.datasets["train"]) == 80 and len(dm.datasets["val"]) == 159
@@ -113,10 +122,12 @@ def cub(tmp_path) -> Path:
 
 def test_cub_text_to_image_split_is_by_class_and_has_ten_captions(cub):
     train = read_cub(cub, "train")
-    test = read_cub(cub, "test")
+    listed = read_cub(cub, "test")
+    test, report = audit(listed, max_pixels=10**6, num_workers=0, what="cub test")
     assert {it.path.parent.name[:3] for it in train} == {"001", "002"}
     assert {it.path.parent.name[:3] for it in test} == {"151", "152"}
-    assert len(train) == 4 and len(test) == 3  # the missing 152 image is skipped
+    assert len(train) == 4 and len(listed) == 4 and len(test) == 3  # a 152 image is missing
+    assert report["skipped"] == {"missing": 1}
     assert all(len(it.captions) == 10 for it in train + test)
     assert train[0].captions[3] == "001.Black_footed_Albatross bird 0 caption 3"
 
@@ -124,11 +135,12 @@ def test_cub_text_to_image_split_is_by_class_and_has_ten_captions(cub):
 def test_cub_official_split_follows_train_test_split_txt(cub):
     test = read_cub(cub, "test", class_split="official")
     assert [it.path.name for it in test] == ["Black_footed_Albatross_1.jpg"]
-    assert len(read_cub(cub, "train", class_split="official")) == 6
+    train = read_cub(cub, "train", class_split="official")
+    assert len(audit(train, max_pixels=10**6, num_workers=0, what="cub train")[0]) == 6
 
 
 def test_cub_datamodule_draws_a_caption_of_the_image_in_training(cub):
-    dm = CubDataModule(str(cub), image_size=32, num_workers=0)
+    dm = CubDataModule(str(cub), image_size=32, num_workers=0, max_bad_fraction=0.5)
     dm.setup()
     item = dm.datasets["train"][0]
     assert item["image"].shape == (3, 32, 32)
@@ -157,9 +169,12 @@ def folder(tmp_path) -> Path:
 
 
 def test_folder_reads_both_caption_forms_and_skips_missing(folder):
-    items = read_folder(folder)
+    listed = read_folder(folder)
+    assert [it.path.name for it in listed] == ["a.jpg", "b.png", "gone.jpg", "c.jpg"]
+    items, report = audit(listed, max_pixels=10**6, num_workers=0, what="folder")
     assert [it.path.name for it in items] == ["a.jpg", "b.png", "c.jpg"]
     assert items[1].captions == ("a green thing", "green")
+    assert report == {"listed": 4, "usable": 3, "skipped": {"missing": 1}, "converted": {}}
 
 
 def test_folder_bad_line_names_file_and_line(folder):
@@ -170,7 +185,9 @@ def test_folder_bad_line_names_file_and_line(folder):
 
 
 def test_folder_datamodule_splits_train_and_val(folder):
-    dm = FolderDataModule(str(folder), image_size=16, val_fraction=0.3, num_workers=0)
+    dm = FolderDataModule(
+        str(folder), image_size=16, val_fraction=0.3, num_workers=0, max_bad_fraction=0.5
+    )
     dm.setup()
     assert len(dm.datasets["train"]) == 2 and len(dm.datasets["val"]) == 1
     with pytest.raises(ConfigError, match="dataset.root"):
@@ -178,7 +195,9 @@ def test_folder_datamodule_splits_train_and_val(folder):
 
 
 def test_token_cache_keeps_every_caption_and_training_draws_among_them(folder):
-    dm = FolderDataModule(str(folder), image_size=16, val_fraction=0.3, num_workers=0)
+    dm = FolderDataModule(
+        str(folder), image_size=16, val_fraction=0.3, num_workers=0, max_bad_fraction=0.5
+    )
     dvae = DVAE(DVAEConfig(image_size=16, vocab_size=8, n_hid=8, n_init=8, group_count=2))
     tokens = encode_dataset(dvae, dm.cache_dataset("train"))
     assert tokens["codes"].shape == (2, 8, 8)
@@ -200,7 +219,9 @@ def test_dataset_configs_build_and_a_wrong_root_names_the_field(make_cfg, option
 
 
 def test_val_and_test_of_one_source_share_one_token_cache(folder, tmp_path):
-    dm = FolderDataModule(str(folder), image_size=16, val_fraction=0.3, num_workers=0)
+    dm = FolderDataModule(
+        str(folder), image_size=16, val_fraction=0.3, num_workers=0, max_bad_fraction=0.5
+    )
     dvae = DVAE(DVAEConfig(image_size=16, vocab_size=8, n_hid=8, n_init=8, group_count=2))
     tokens = TokenDataModule(dm, dvae, "sha", str(tmp_path / "cache"), 64, 8)
     assert tokens.split_tokens("test") is tokens.split_tokens("val")  # encoded once

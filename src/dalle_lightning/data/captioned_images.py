@@ -5,8 +5,10 @@ and `folder.py` build those lists from each dataset's own layout. One item per i
 the training split draws one of the image's captions at random each time (the paper samples
 a caption per image), the other splits always take the first, so evaluation is repeatable.
 
-Images listed but missing on disk are dropped when the list is built (`drop_missing`),
-counted and reported once, the way a partial download should be handled.
+The lists reach this class through `quality.audit`, which has skipped and counted every
+missing, broken or caption-less image; images are read by `quality.load_rgb` (mode
+conversions, decompression-bomb guard). A file that breaks after the audit is replaced by the
+next readable item, with a warning, rather than stopping a long run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dalle_lightning.data.quality import BadImage, load_rgb
+
+MAX_IMAGE_PIXELS = 50_000_000  # the default decompression-bomb limit (dataset.max_image_pixels)
+
 log = logging.getLogger(__name__)
 
 
@@ -28,22 +34,6 @@ log = logging.getLogger(__name__)
 class CaptionedImage:
     path: Path
     captions: tuple[str, ...]
-
-
-def drop_missing(items: Sequence[CaptionedImage], what: str) -> list[CaptionedImage]:
-    """The items whose image file exists; one log line says how many were dropped."""
-    present, missing = [], []
-    for it in items:
-        (present if it.path.is_file() else missing).append(it)
-    if missing:
-        log.warning(
-            "%s: %d of %d listed images are missing on disk and skipped (first: %s)",
-            what,
-            len(missing),
-            len(items),
-            missing[0].path,
-        )
-    return present
 
 
 class CaptionedImages(Dataset):
@@ -55,10 +45,12 @@ class CaptionedImages(Dataset):
         items: Sequence[CaptionedImage],
         transform: Callable[[Image.Image], Tensor],
         random_caption: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ):
         if not items:
             raise ValueError("no images: the caption list names no image that exists on disk")
         self.items, self.transform, self.random_caption = list(items), transform, random_caption
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -68,8 +60,15 @@ class CaptionedImages(Dataset):
         return list(self.items[index].captions)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
-        with Image.open(item.path) as image:
-            pixels = self.transform(image.convert("RGB"))  # greyscale and CMYK become RGB
+        for offset in range(len(self.items)):
+            item = self.items[(index + offset) % len(self.items)]
+            try:
+                image, _ = load_rgb(item.path, self.max_pixels)
+                break
+            except BadImage as err:
+                log.warning("%s; using the next image instead", err)
+        else:
+            raise RuntimeError("no image of this dataset can be read any more")
+        pixels = self.transform(image)
         k = int(torch.randint(len(item.captions), ())) if self.random_caption else 0
         return {"image": pixels, "caption": item.captions[k], "captions": list(item.captions)}

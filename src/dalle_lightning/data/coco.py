@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from dalle_lightning.config import require
-from dalle_lightning.data.captioned_images import CaptionedImage, drop_missing
+from dalle_lightning.data.captioned_images import CaptionedImage
 
 COCO_SPLITS = ("train", "val")
 COCO_YEARS = (2014, 2017)
@@ -31,14 +31,12 @@ def read_coco(root: str | Path, split: str, year: int = 2017) -> list[CaptionedI
         str(root),
         f"a COCO folder with {annotations.relative_to(root)} (see the README: Datasets)",
     )
-    data = json.loads(annotations.read_text())
+    data = json.loads(annotations.read_text(encoding="utf-8", errors="surrogateescape"))
     captions: dict[int, list[str]] = {}
     for ann in data["annotations"]:
-        captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+        captions.setdefault(ann["image_id"], []).append(str(ann["caption"]))
     image_dir = root / f"{split}{year}"
-    items = [
-        CaptionedImage(image_dir / image["file_name"], tuple(captions[image["id"]]))
+    return [  # every listed image; quality.audit skips and counts the missing and broken
+        CaptionedImage(image_dir / image["file_name"], tuple(captions.get(image["id"], ())))
         for image in data["images"]
-        if captions.get(image["id"])
     ]
-    return drop_missing(items, f"COCO {split}{year}")

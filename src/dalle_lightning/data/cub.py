@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dalle_lightning.config import require
-from dalle_lightning.data.captioned_images import CaptionedImage, drop_missing
+from dalle_lightning.data.captioned_images import CaptionedImage
 
 CUB_SPLITS = ("train", "test")
 CLASS_SPLITS = ("text_to_image", "official")
@@ -53,8 +53,7 @@ def read_cub(
         if in_train != (split == "train"):
             continue
         text = root / "text_c10" / Path(relative).with_suffix(".txt")
-        captions = text.read_text().splitlines() if text.is_file() else []
-        captions = tuple(c.strip() for c in captions if c.strip())
-        if captions:
-            items.append(CaptionedImage(root / "images" / relative, captions))
-    return drop_missing(items, f"CUB {split} ({class_split} split)")
+        # raw lines: quality.audit drops empty ones and counts images left without any
+        read = text.read_text(encoding="utf-8", errors="surrogateescape") if text.is_file() else ""
+        items.append(CaptionedImage(root / "images" / relative, tuple(read.splitlines())))
+    return items

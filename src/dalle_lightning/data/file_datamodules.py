@@ -13,12 +13,13 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from dalle_lightning.config import require, require_choice, require_int
-from dalle_lightning.data.captioned_images import CaptionedImage, CaptionedImages
+from dalle_lightning.config import require, require_choice, require_float, require_int
+from dalle_lightning.data.captioned_images import MAX_IMAGE_PIXELS, CaptionedImage, CaptionedImages
 from dalle_lightning.data.coco import read_coco
 from dalle_lightning.data.cub import read_cub
 from dalle_lightning.data.datamodule import ImageTextDataModule
 from dalle_lightning.data.folder import read_folder
+from dalle_lightning.data.quality import audit, check_bad_fraction
 from dalle_lightning.data.transforms import DVAETransform, EvalTransform, PriorTransform
 
 TRANSFORMS = {"dvae": DVAETransform, "prior": PriorTransform, "eval": EvalTransform}
@@ -38,9 +39,15 @@ class CaptionedImagesDataModule(ImageTextDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        max_bad_fraction: float = 0.1,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers)
         require_int("dataset.image_size", image_size, 8)
+        require_int("dataset.max_image_pixels", max_image_pixels, 1)
+        require_float("dataset.max_bad_fraction", max_bad_fraction, 0.0, 1.0)
+        self.max_image_pixels, self.max_bad_fraction = max_image_pixels, max_bad_fraction
+        self.reports: dict[str, dict] = {}
         require_choice("dataset.train_transform", train_transform, tuple(TRANSFORMS))
         require(Path(root).is_dir(), "dataset.root", root, "an existing folder (README: Datasets)")
         self.root, self.image_size, self.train_transform = Path(root), image_size, train_transform
@@ -53,13 +60,24 @@ class CaptionedImagesDataModule(ImageTextDataModule):
         raise NotImplementedError
 
     def items(self, split: str) -> list[CaptionedImage]:
+        """The usable pairs of the split's source, audited once (`quality.py`)."""
         source = self.source(split)
-        if source not in self._items:  # read (and report missing images) once per source
-            self._items[source] = self.read(source)
+        if source not in self._items:
+            what = f"{self.identity().get('dataset', 'dataset')} {source}"
+            usable, report = audit(self.read(source), self.max_image_pixels, self.num_workers, what)
+            check_bad_fraction(report, self.max_bad_fraction, what)
+            self._items[source], self.reports[source] = usable, report
         return self._items[source]
 
+    def data_report(self) -> dict:
+        return dict(self.reports)
+
     def identity(self) -> dict:
-        return {"root": str(self.root.resolve()), "image_size": self.image_size}
+        return {
+            "root": str(self.root.resolve()),
+            "image_size": self.image_size,
+            "max_image_pixels": self.max_image_pixels,
+        }
 
     def build_datasets(self) -> dict[str, Dataset]:
         train = TRANSFORMS[self.train_transform](self.image_size)
@@ -68,12 +86,15 @@ class CaptionedImagesDataModule(ImageTextDataModule):
                 self.items(split),
                 train if split == "train" else EvalTransform(self.image_size),
                 random_caption=split == "train",
+                max_pixels=self.max_image_pixels,
             )
             for split in ("train", "val", "test")
         }
 
     def cache_dataset(self, split: str) -> Dataset:
-        return CaptionedImages(self.items(split), EvalTransform(self.image_size))
+        return CaptionedImages(
+            self.items(split), EvalTransform(self.image_size), max_pixels=self.max_image_pixels
+        )
 
 
 class CocoDataModule(CaptionedImagesDataModule):

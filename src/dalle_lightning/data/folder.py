@@ -4,7 +4,7 @@
     {"image": "other.png", "captions": ["first caption", "second caption"]}
 
 Paths are relative to the folder. A line that is not such an object stops with its line
-number; images listed but missing on disk are skipped and counted.
+number; missing, broken or caption-less images are skipped and counted (`quality.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from dalle_lightning.config import require
-from dalle_lightning.data.captioned_images import CaptionedImage, drop_missing
+from dalle_lightning.data.captioned_images import CaptionedImage
 
 
 def read_folder(root: str | Path, captions_file: str = "captions.jsonl") -> list[CaptionedImage]:
@@ -27,7 +27,8 @@ def read_folder(root: str | Path, captions_file: str = "captions.jsonl") -> list
         '{"image": "relative/path.jpg", "caption": "..."})',
     )
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")  # audit cleans bad bytes
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -40,7 +41,6 @@ def read_folder(root: str | Path, captions_file: str = "captions.jsonl") -> list
                 '{"image": "relative/path.jpg", "caption": "..."} or "captions": [...], '
                 f"got {line[:80]!r} ({type(err).__name__}: {err})"
             ) from None
-        captions = tuple(str(c).strip() for c in captions if str(c).strip())
-        if captions:
-            items.append(CaptionedImage(root / image, captions))
-    return drop_missing(items, str(path))
+        captions = [captions] if isinstance(captions, str) else captions
+        items.append(CaptionedImage(root / str(image), tuple(str(c) for c in captions)))
+    return items
