@@ -121,22 +121,28 @@ def test_conversions_give_the_right_pixels(salted):
     assert clean_caption("") == (None, "empty_caption")
 
 
+def _folder_run(root: Path) -> list[str]:
+    return [
+        "model=dvae",
+        "dataset=folder",
+        f"dataset.root={root}",
+        "dataset.image_size=32",
+        "dataset.num_workers=0",
+        f"dataset.max_image_pixels={MAX_PIXELS}",
+        "trainer.max_steps=6",
+    ]
+
+
 def test_a_salted_folder_trains_to_the_end_and_reports_the_counts(salted, make_cfg):
     cfg = make_cfg(
         [
-            "model=dvae",
-            "dataset=folder",
-            f"dataset.root={salted}",
-            "dataset.image_size=32",
-            "dataset.num_workers=0",
+            *_folder_run(salted),
             "dataset.batch_size=4",
             "dataset.val_fraction=0.2",
-            f"dataset.max_image_pixels={MAX_PIXELS}",
             "dataset.max_bad_fraction=0.5",
             "model.net.n_hid=8",
             "model.net.n_init=8",
             "model.net.vocab_size=32",
-            "trainer.max_steps=6",
             "trainer.val_check_interval=3",
         ]
     )
@@ -151,17 +157,7 @@ def test_a_salted_folder_trains_to_the_end_and_reports_the_counts(salted, make_c
 
 
 def test_too_many_bad_files_stop_before_any_work(salted, make_cfg):
-    cfg = make_cfg(
-        [
-            "model=dvae",
-            "dataset=folder",
-            f"dataset.root={salted}",
-            "dataset.image_size=32",
-            "dataset.num_workers=0",
-            f"dataset.max_image_pixels={MAX_PIXELS}",
-            "trainer.max_steps=6",
-        ]
-    )
+    cfg = make_cfg(_folder_run(salted))
     with pytest.raises(ConfigError, match=r"dataset.max_bad_fraction=0.1 .* 6 of 2\d listed"):
         train(cfg)
     assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))

@@ -3,7 +3,8 @@
 Hydra picks the run directory through the `dalle_run_dir` resolver (conf/hydra/default.yaml):
 with `resume=true` or `ckpt_path=last` it is the newest `logs/<task_name>/runs/<timestamp>`
 holding `checkpoints/last.ckpt`, so checkpoints, loggers (CSV rows before the checkpoint's step
-are kept; TensorBoard appends to the same folder) and metrics.json continue in place.
+are kept; TensorBoard appends to the same folder; W&B resumes the run whose id the run
+directory fixes) and metrics.json continue in place.
 `resume_checkpoint` then names the file to restore; Lightning restores the model, optimizer,
 LR schedulers, callbacks (EMA, checkpoint bookkeeping) and loops, and the resumable training
 loader (data/resumable.py) and `StepSeed` make the data order and random draws continue as if
@@ -13,6 +14,7 @@ the run had never stopped.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 from pathlib import Path
 
@@ -40,8 +42,14 @@ def run_dir(runs: str, resume, ckpt_path, stamp: str) -> str:
     return f"{runs}/{stamp}"  # nothing to resume: train() says so before any work
 
 
+def run_id(output_dir: str) -> str:
+    """A logger run id fixed by the run directory: a resumed run logs to the same W&B run."""
+    return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("dalle_run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("dalle_run_id", run_id, replace=True)
 
 
 def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:

@@ -49,6 +49,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
         )
     log.info("seed: %s", cfg.seed)
     datamodule = build(cfg.dataset, "dataset")
+    datamodule.setup("fit")  # reads the data now: bad files are counted, too many stop here
     module = build(cfg.model, "model")
     check_monitored(cfg.get("optimized_metric"), module)
     if isinstance(module, DalleModule):  # stage 2 reads cached dVAE codes, never pixels

@@ -11,6 +11,7 @@ anything but finite weights, so `checkpoints/last.ckpt` stays the last good one.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -55,7 +56,7 @@ class NonFiniteGuard(pl.Callback):
             raise NonFiniteError(
                 f"{self.in_row} optimizer steps in a row had non-finite gradients (up to step "
                 f"{trainer.global_step}); training stopped. The weights were never updated with "
-                "them, so the newest checkpoints/last.ckpt is the last good state. Lower the "
+                f"them, so {_last_checkpoint(trainer)} is the last good state. Lower the "
                 "learning rate, check the data, or use trainer.precision=32-true; "
                 "callbacks.nonfinite_guard.max_in_row sets the limit."
             )
@@ -65,3 +66,12 @@ class NonFiniteGuard(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped, self.in_row = state_dict["skipped"], state_dict["in_row"]
+
+
+def _last_checkpoint(trainer) -> str:
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath:
+        path = Path(callback.dirpath) / "last.ckpt"
+        if path.is_file():
+            return str(path)
+    return "the newest checkpoints/last.ckpt (none written yet)"
