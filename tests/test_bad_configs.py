@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dalle_lightning.config import ConfigError
+from dalle_lightning.evaluating import evaluate
 from dalle_lightning.training import train
 
 SMALL = ["dataset.num_val=8", "dataset.num_test=8", "trainer.max_steps=2", "logger=none"]
@@ -45,3 +46,22 @@ def test_bad_value_fails_before_any_work(make_cfg, tmp_path, override, field, al
     message = str(err.value)
     assert "\n" not in message and allowed in message
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("task=nope", "task"),
+        ("seed=-3", "seed"),
+        ("trust_checkpoint=maybe", "trust_checkpoint"),
+        ("task=generate num_images=0 prompts=[a]", "num_images"),
+        ("task=generate prompts=[]", "prompts"),
+        ("task=reconstruction split=nope", "split"),
+    ],
+)
+def test_bad_evaluate_value_fails_before_any_work(make_cfg, tmp_path, override, field):
+    cfg = make_cfg(override.split(" "), config_name="evaluate")
+    with pytest.raises(ConfigError) as err:
+        evaluate(cfg)
+    assert err.value.field == field
+    assert not list(tmp_path.rglob("*.png")) and not (tmp_path / "metrics.json").exists()

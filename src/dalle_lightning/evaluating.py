@@ -24,7 +24,7 @@ from dalle_lightning.config import require, require_choice
 from dalle_lightning.evaluation.attribute_accuracy import attribute_accuracy
 from dalle_lightning.evaluation.rerank_metrics import evaluate_metrics
 from dalle_lightning.generating import generate, load_dalle
-from dalle_lightning.instantiate import build, build_all, check_trainer
+from dalle_lightning.instantiate import build, build_all, check_run, check_trainer
 from dalle_lightning.run_summary import collect_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ SPLITS = ("train", "val", "test", "heldout")
 def evaluate(cfg: DictConfig) -> dict:
     started = time.time()
     require_choice("task", cfg.task, TASKS)
+    check_run(cfg)  # seed, trust_checkpoint
     if cfg.task == "generate":
         return generate(cfg)
     if cfg.task == "attributes":
