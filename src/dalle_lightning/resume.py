@@ -53,10 +53,9 @@ def register_resolvers() -> None:
 
 
 def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
-    """(checkpoint to restore or None, its global step); every problem as a ConfigError."""
+    """(checkpoint to restore or None, its global step); every problem as a ConfigError
+    (`check_run` has made sure `resume` is a boolean)."""
     resume, ckpt_path = cfg.get("resume", False), cfg.get("ckpt_path")
-    if resume not in (True, False):
-        raise ConfigError("resume", resume, "true or false")
     if resume and ckpt_path not in (None, "last"):
         raise ConfigError(
             "resume", resume, "false when ckpt_path is a file (pass one or the other)"

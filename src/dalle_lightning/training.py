@@ -39,14 +39,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     output_dir = Path(cfg.paths.output_dir)
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    bpe_dropout = OmegaConf.select(cfg, "model.text.bpe_dropout", default=0) or 0
-    if cfg.trainer.get("deterministic") and bpe_dropout > 0:
-        log.warning(
-            "trainer.deterministic=true, but BPE-dropout (model.text.bpe_dropout=%s) draws from "
-            "HF tokenizers' unseeded generator: a stage-2 run repeats bitwise (and resumes "
-            "bitwise) only with model.text.bpe_dropout=0",
-            bpe_dropout,
-        )
+    _warn_if_not_repeatable(cfg)
     log.info("seed: %s", cfg.seed)
     datamodule = build(cfg.dataset, "dataset")
     datamodule.setup("fit")  # reads the data now: bad files are counted, too many stop here
@@ -94,3 +87,14 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
             ", ".join(sorted(summary["metrics"])),
         )
     return value, summary
+
+
+def _warn_if_not_repeatable(cfg: DictConfig) -> None:
+    bpe_dropout = OmegaConf.select(cfg, "model.text.bpe_dropout", default=0) or 0
+    if cfg.trainer.get("deterministic") and bpe_dropout > 0:
+        log.warning(
+            "trainer.deterministic=true, but BPE-dropout (model.text.bpe_dropout=%s) draws from "
+            "HF tokenizers' unseeded generator: a stage-2 run repeats bitwise (and resumes "
+            "bitwise) only with model.text.bpe_dropout=0",
+            bpe_dropout,
+        )

@@ -17,12 +17,7 @@ import numpy as np
 import torch
 
 from dalle_lightning.config import require_int
-
-
-def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
-    """A 63-bit seed from the position, via numpy's SeedSequence (no nearby-seed overlap)."""
-    state = np.random.SeedSequence([seed, epoch, batch_idx, rank]).generate_state(1, np.uint64)
-    return int(state[0]) >> 1
+from dalle_lightning.data.resumable import derived_seed
 
 
 class StepSeed(pl.Callback):
@@ -31,7 +26,7 @@ class StepSeed(pl.Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        value = step_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
+        value = derived_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
         torch.manual_seed(value)
         np.random.seed(value % 2**32)
         random.seed(value)

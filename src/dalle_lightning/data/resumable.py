@@ -28,9 +28,9 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
-def _generator(seed: int, *keys: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)
-    return torch.Generator().manual_seed(int(state[0]) >> 1)
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys, via numpy's SeedSequence (no nearby-seed overlap)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0]) >> 1
 
 
 class ResumableSampler(Sampler[int]):
@@ -47,7 +47,8 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
-            order = torch.randperm(self.length, generator=_generator(self.seed, self.epoch))
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+            order = torch.randperm(self.length, generator=generator)
         else:
             order = torch.arange(self.length)
         skip, self.skip = self.skip, 0
@@ -65,7 +66,7 @@ class SeededDraws(Dataset):
     def __getitem__(self, draw: int):
         index = draw % len(self.dataset)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(_generator(self.seed, draw).initial_seed()))
+            torch.manual_seed(derived_seed(self.seed, draw))
             return self.dataset[index]
 
 
