@@ -64,7 +64,9 @@ class CaptionedImagesDataModule(ImageTextDataModule):
         source = self.source(split)
         if source not in self._items:
             what = f"{self.identity().get('dataset', 'dataset')} {source}"
-            usable, report = audit(self.read(source), self.max_image_pixels, self.num_workers, what)
+            usable, report = audit(
+                self.read(source), self.max_image_pixels, self.num_workers, what, self.image_size
+            )
             check_bad_fraction(report, self.max_bad_fraction, what)
             self._items[source], self.reports[source] = usable, report
         return self._items[source]

@@ -47,8 +47,12 @@ class BadImage(Exception):
         self.reason, self.path = reason, path
 
 
-def load_rgb(path: Path, max_pixels: int) -> tuple[Image.Image, str | None]:
-    """(the decoded RGB image, the conversion it needed or None); raises `BadImage`."""
+def load_rgb(
+    path: Path, max_pixels: int, draft: int | None = None
+) -> tuple[Image.Image, str | None]:
+    """(the decoded RGB image, the conversion it needed or None); raises `BadImage`.
+    `draft`: let JPEGs decode at a reduced scale of at least this size (the audit's check
+    reads every byte all the same, in about 60% of the time)."""
     if not path.is_file():
         raise BadImage("missing", path)
     if path.stat().st_size == 0:
@@ -66,6 +70,8 @@ def load_rgb(path: Path, max_pixels: int) -> tuple[Image.Image, str | None]:
         if width * height > max_pixels:
             raise BadImage("too_large", path, f"{width}x{height} > {max_pixels} pixels")
         try:
+            if draft:
+                image.draft(image.mode, (draft, draft))
             image.load()
         except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
             raise BadImage("truncated", path, str(err)) from None
@@ -109,8 +115,8 @@ def clean_caption(text: str) -> tuple[str | None, str | None]:
 
 
 class _Check(Dataset):
-    def __init__(self, paths: Sequence[Path], max_pixels: int):
-        self.paths, self.max_pixels = paths, max_pixels
+    def __init__(self, paths: Sequence[Path], max_pixels: int, draft: int | None):
+        self.paths, self.max_pixels, self.draft = paths, max_pixels, draft
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -118,14 +124,17 @@ class _Check(Dataset):
     def __getitem__(self, index: int) -> tuple[str | None, str | None]:
         """(skip reason, conversion): one is None."""
         try:
-            _, conversion = load_rgb(self.paths[index], self.max_pixels)
+            _, conversion = load_rgb(self.paths[index], self.max_pixels, self.draft)
         except BadImage as err:
             return err.reason, None
         return None, conversion
 
 
-def audit(items: Sequence, max_pixels: int, num_workers: int, what: str) -> tuple[list, dict]:
-    """(usable items with cleaned captions, report); items are `CaptionedImage`s."""
+def audit(
+    items: Sequence, max_pixels: int, num_workers: int, what: str, draft: int | None = None
+) -> tuple[list, dict]:
+    """(usable items with cleaned captions, report); items are `CaptionedImage`s. Costs one
+    decode per image (COCO val: ~1.5 ms per JPEG with `draft` at the training size)."""
     from dalle_lightning.data.captioned_images import CaptionedImage  # no import cycle
 
     skipped: Counter = Counter()
@@ -144,7 +153,7 @@ def audit(items: Sequence, max_pixels: int, num_workers: int, what: str) -> tupl
         else:
             skipped["no_caption"] += 1
     checks = DataLoader(
-        _Check([it.path for it in with_captions], max_pixels),
+        _Check([it.path for it in with_captions], max_pixels, draft),
         batch_size=None,
         num_workers=num_workers,
     )
