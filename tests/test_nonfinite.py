@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dalle_lightning.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from dalle_lightning.cli import EXIT_TRAINING_DIVERGED, exit_on_user_error
+from tests.conftest import run_script
 
 
 class Regression(pl.LightningModule):
@@ -78,3 +79,21 @@ def test_the_entry_scripts_turn_it_into_one_line_and_exit_code_3(capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: 20 optimizer steps in a row had non-finite gradients"
     ]
+
+
+def test_a_diverging_training_run_stops_with_exit_code_3(tmp_path):
+    result = run_script(
+        "train.py",
+        "model.optimizer.lr=1e8",  # the first step blows the weights up; every later loss is inf
+        "model.net.n_hid=8",
+        "model.net.n_init=8",
+        "dataset.image_size=32",
+        "dataset.num_val=8",
+        "dataset.num_test=8",
+        "callbacks.nonfinite_guard.max_in_row=5",
+        f"paths.log_dir={tmp_path}",
+    )
+    assert result.returncode == EXIT_TRAINING_DIVERGED, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 5 optimizer steps in a row had non-finite gradients")
+    assert "callbacks.nonfinite_guard.max_in_row" in last
