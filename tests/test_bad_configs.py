@@ -56,6 +56,7 @@ def test_bad_value_fails_before_any_work(make_cfg, tmp_path, override, field, al
         ("trust_checkpoint=maybe", "trust_checkpoint"),
         ("task=generate num_images=0 prompts=[a]", "num_images"),
         ("task=generate prompts=[]", "prompts"),
+        ("task=generate sampling.cond_scale=-1 prompts=[a]", "sampling.cond_scale"),
         ("task=reconstruction split=nope", "split"),
     ],
 )

@@ -217,6 +217,25 @@ def test_learning_rate_warms_up_then_halves_on_plateaus(tiny_dvae):
     assert module.lr_halvings == 2  # at most max_lr_halvings
 
 
+@pytest.mark.parametrize("caption_dropout", [0.0, 0.5, 1.0])
+def test_caption_dropout_blanks_whole_captions_in_training_only(tiny_dvae, caption_dropout):
+    module = DalleModule(
+        net={"dim": 16, "depth": 1, "heads": 2},
+        text={"vocab_size": 64, "text_seq_len": 6},
+        dvae_ckpt=str(tiny_dvae),
+        caption_dropout=caption_dropout,
+    )
+    seen = []
+    module._losses = lambda batch, stage: seen.append(batch["text"]) or torch.zeros(())
+    text = torch.randint(0, 64, (400, 6))
+    torch.manual_seed(0)
+    module.training_step({"text": text, "codes": torch.zeros(400, 64, dtype=torch.long)}, 0)
+    blank = torch.arange(64, 70)
+    blanked = (seen[0] == blank).all(1)
+    assert torch.equal(seen[0][~blanked], text[~blanked])  # the others are untouched
+    assert abs(blanked.float().mean().item() - caption_dropout) < 0.08
+
+
 def test_weight_decay_skips_gains_biases_and_embeddings(tiny_dvae):
     module = DalleModule(net={"dim": 16, "depth": 1, "heads": 2}, dvae_ckpt=str(tiny_dvae))
     module.trainer = type("T", (), {"model": module})()  # configure_optimizers reads trainer.model

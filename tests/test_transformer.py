@@ -9,7 +9,7 @@ import torch
 
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
-from dalle_lightning.sampling.generate import filter_logits, gumbel_max, sample_codes
+from dalle_lightning.sampling.generate import blank_text, filter_logits, gumbel_max, sample_codes
 
 T, GRID, TEXT_VOCAB, IMAGE_VOCAB = 6, 4, 40, 24
 
@@ -87,6 +87,31 @@ def test_cached_and_uncached_sampling_give_equal_logits(attention):
     torch.testing.assert_close(
         model(text, runs[0].codes).image_logits, runs[0].logits, atol=1e-5, rtol=0
     )
+
+
+def test_guided_sampling_mixes_caption_and_blank_logits_with_and_without_cache():
+    """cond_scale s: logits = blank + s * (caption - blank), the blank row fed the same codes."""
+    model = tiny("sparse")
+    text, _ = inputs(batch=2)
+    runs = [
+        sample_codes(
+            model,
+            text,
+            generator=torch.Generator().manual_seed(5),
+            use_cache=use_cache,
+            keep_logits=True,
+            cond_scale=3.0,
+        )
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(runs[0].codes, runs[1].codes) and runs[0].codes.shape == (2, GRID**2)
+    torch.testing.assert_close(runs[0].logits, runs[1].logits, atol=1e-5, rtol=0)
+    codes = runs[0].codes
+    with torch.no_grad():
+        caption = model(text, codes).image_logits
+        blank = model(blank_text(model, 2, "cpu"), codes).image_logits
+    torch.testing.assert_close(runs[0].logits, blank + 3.0 * (caption - blank), atol=1e-4, rtol=0)
+    assert blank_text(model, 1, "cpu").tolist() == [list(range(TEXT_VOCAB, TEXT_VOCAB + T))]
 
 
 def test_sampling_is_seeded():

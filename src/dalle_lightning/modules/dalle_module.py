@@ -33,13 +33,13 @@ from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
 from dalle_lightning.run_summary import latest_checkpoint
-from dalle_lightning.sampling.generate import check_sampling
+from dalle_lightning.sampling.generate import blank_text, check_sampling
 from dalle_lightning.text.tokenizer import BPETokenizer
 
 log = logging.getLogger(__name__)
 
 TEXT_FIELDS = {"vocab_size": 512, "text_seq_len": 32, "bpe_dropout": 0.1}
-SAMPLING_FIELDS = {"temperature": 1.0, "top_k": None, "top_p": None}
+SAMPLING_FIELDS = {"temperature": 1.0, "top_k": None, "top_p": None, "cond_scale": 1.0}
 
 
 def _fields(group: str, given: dict | None, defaults: dict) -> dict:
@@ -88,6 +88,7 @@ class DalleModule(LightningModule):
         plateau_factor: float = 0.5,
         max_lr_halvings: int = 5,
         text_loss_weight: float = 1 / 8,
+        caption_dropout: float = 0.0,
         grad_clip_norm: float | None = 4.0,
         num_sample_captions: int = 8,
         sampling: dict | None = None,
@@ -103,6 +104,7 @@ class DalleModule(LightningModule):
         require_float("plateau_factor", plateau_factor, 1e-6, 1.0)
         require_int("max_lr_halvings", max_lr_halvings, 0)
         require_float("text_loss_weight", text_loss_weight, 0.0, 1.0)
+        require_float("caption_dropout", caption_dropout, 0.0, 1.0)
         if grad_clip_norm is not None:
             require_float("grad_clip_norm", grad_clip_norm, 1e-12)
         require_int("num_sample_captions", num_sample_captions, 0)
@@ -200,6 +202,12 @@ class DalleModule(LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        p = self.hparams.caption_dropout
+        if p > 0:  # blank captions teach the unconditional prior guidance needs
+            text = batch["text"]
+            blank = blank_text(self.model.prior, text.shape[0], text.device)
+            drop = torch.rand(text.shape[0], device=text.device) < p
+            batch = {**batch, "text": torch.where(drop[:, None], blank, text)}
         return self._losses(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

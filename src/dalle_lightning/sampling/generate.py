@@ -52,8 +52,11 @@ def gumbel_max(logits: Tensor, generator: torch.Generator | None = None) -> Tens
     return (logits - torch.log(-torch.log(u.clamp_min(tiny)))).argmax(-1)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(
+    temperature: float, top_k: int | None, top_p: float | None, cond_scale: float = 1.0
+) -> None:
     require_float("temperature", temperature, 1e-6)
+    require_float("cond_scale", cond_scale, 0.0)
     if top_k is not None:
         require_int("top_k", top_k, 1)
     if top_p is not None:
@@ -70,13 +73,21 @@ def sample_codes(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     keep_logits: bool = False,
+    cond_scale: float = 1.0,
 ) -> Samples:
-    """Sample N image codes for each row of text ids (B, T)."""
-    check_sampling(temperature, top_k, top_p)
+    """Sample N image codes for each row of text ids (B, T).
+
+    `cond_scale` != 1: classifier-free guidance; the same codes are also fed to a copy of each
+    row with a blank caption (all pads) and the logits become blank + s * (caption - blank).
+    """
+    check_sampling(temperature, top_k, top_p, cond_scale)
     B, N = text.shape[0], prior.config.image_seq_len
-    codes = torch.zeros(B, N, dtype=torch.long, device=text.device)
+    guided = cond_scale != 1.0
+    if guided:
+        text = torch.cat([text, blank_text(prior, B, text.device)])
+    codes = torch.zeros(text.shape[0], N, dtype=torch.long, device=text.device)
     kept = []
-    cache = prior.new_cache(B) if use_cache else None
+    cache = prior.new_cache(text.shape[0]) if use_cache else None
     for p in range(N):
         if cache is None:
             logits = prior(text, codes).image_logits[:, p]
@@ -85,11 +96,20 @@ def sample_codes(
         else:
             logits = prior.step(codes[:, p - 1], cache)
         logits = logits.float()
+        if guided:
+            logits = logits[B:] + cond_scale * (logits[:B] - logits[B:])
         if keep_logits:
             kept.append(logits)
         filtered = filter_logits(logits / temperature, top_k, top_p)
-        codes[:, p] = gumbel_max(filtered, generator)
-    return Samples(codes, torch.stack(kept, 1) if keep_logits else None)
+        sampled = gumbel_max(filtered, generator)
+        codes[:, p] = sampled.repeat(2) if guided else sampled
+    return Samples(codes[:B], torch.stack(kept, 1) if keep_logits else None)
+
+
+def blank_text(prior: PriorTransformer, rows: int, device: torch.device | str) -> Tensor:
+    """(rows, T) text ids of an empty caption: the pad id of every position."""
+    c = prior.config
+    return (c.text_vocab + torch.arange(c.text_seq_len, device=device)).expand(rows, -1)
 
 
 @torch.no_grad()
@@ -104,6 +124,7 @@ def generate_images(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    cond_scale: float = 1.0,
 ) -> Tensor:
     """(len(captions) * num_images, C, H, W) in [0, 1]: caption i's images are rows
     i * num_images ... (i + 1) * num_images - 1."""
@@ -115,7 +136,9 @@ def generate_images(
     images = []
     for start in range(0, len(repeated), batch_size):
         text = tokenizer.encode(repeated[start : start + batch_size]).to(device)
-        codes = sample_codes(prior, text, temperature, top_k, top_p, generator).codes
+        codes = sample_codes(
+            prior, text, temperature, top_k, top_p, generator, cond_scale=cond_scale
+        ).codes
         side = dvae.grid_size
         images.append(dvae.decode(codes.view(-1, side, side)).float().cpu())
     return torch.cat(images)
