@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dalle_lightning.checkpoint_file import read_checkpoint
 from dalle_lightning.config import ConfigError
@@ -36,7 +37,7 @@ RUN = [
     "callbacks=[default,ema]",  # the EMA state must survive too
     "callbacks.last_checkpoint.every_n_train_steps=4",
     "~callbacks.rich_progress_bar",
-    "logger=csv",
+    "logger=default",  # CSV and TensorBoard
     "trainer.log_every_n_steps=1",
     "test=false",
 ]
@@ -96,6 +97,10 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path):
     with metrics_csv.open() as file:
         steps = [int(r["step"]) for r in csv.DictReader(file) if r.get("train/loss")]
     assert steps == list(range(40))
+    (tensorboard,) = killed_dir.glob("train_dvae/runs/*/tensorboard")
+    events = EventAccumulator(str(tensorboard))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(40))  # purged, no repeats
 
 
 @pytest.mark.parametrize("step_seed", [True, False])

@@ -3,8 +3,8 @@
 Hydra picks the run directory through the `dalle_run_dir` resolver (conf/hydra/default.yaml):
 with `resume=true` or `ckpt_path=last` it is the newest `logs/<task_name>/runs/<timestamp>`
 holding `checkpoints/last.ckpt`, so checkpoints, loggers (CSV rows before the checkpoint's step
-are kept; TensorBoard appends to the same folder; W&B resumes the run whose id the run
-directory fixes) and metrics.json continue in place.
+are kept; TensorBoard appends to the same folder and purges the killed run's later events;
+W&B resumes the run whose id the run directory fixes) and metrics.json continue in place.
 `resume_checkpoint` then names the file to restore; Lightning restores the model, optimizer,
 LR schedulers, callbacks (EMA, checkpoint bookkeeping) and loops, and the resumable training
 loader (data/resumable.py) and `StepSeed` make the data order and random draws continue as if
@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dalle_lightning.checkpoint_file import read_checkpoint
 from dalle_lightning.config import ConfigError
@@ -79,6 +79,20 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
     step = int(ckpt.get("global_step", 0))
     log.info("resuming from %s (step %d)", path, step)
     return str(path), step
+
+
+def resumed_logger_config(logger_cfg: DictConfig | None, step: int) -> DictConfig | None:
+    """The logger configs of a run resumed in place: TensorBoard gets `purge_step`, so the
+    events a killed run wrote after its checkpoint are dropped from its older files."""
+    if not logger_cfg:
+        return logger_cfg
+    logger_cfg = logger_cfg.copy()
+    for name, sub in logger_cfg.items():
+        if str(sub.get("_target_", "")).endswith("TensorBoardLogger"):
+            with open_dict(sub):
+                sub.purge_step = step
+            logger_cfg[name] = sub
+    return logger_cfg
 
 
 def continue_csv_logs(loggers: list, step: int) -> None:

@@ -24,7 +24,7 @@ from dalle_lightning.instantiate import (
     check_trainer,
 )
 from dalle_lightning.modules.dalle_module import DalleModule
-from dalle_lightning.resume import continue_csv_logs, resume_checkpoint
+from dalle_lightning.resume import continue_csv_logs, resume_checkpoint, resumed_logger_config
 from dalle_lightning.run_summary import collect_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,10 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     check_monitored(cfg.get("optimized_metric"), module)
     if isinstance(module, DalleModule):  # stage 2 reads cached dVAE codes, never pixels
         datamodule = module.token_datamodule(datamodule)
-    loggers = build_all(cfg.get("logger"), "logger")
-    if ckpt_path and output_dir == Path(ckpt_path).parent.parent:  # resumed in place
+    in_place = ckpt_path is not None and output_dir == Path(ckpt_path).parent.parent
+    logger_cfg = resumed_logger_config(cfg.get("logger"), resumed_step) if in_place else None
+    loggers = build_all(logger_cfg or cfg.get("logger"), "logger")
+    if in_place:  # resumed in its own run dir: the logs continue
         continue_csv_logs(loggers, resumed_step)
     callbacks = build_all(cfg.get("callbacks"), "callbacks")
     if not loggers:  # nothing to monitor the learning rate into
