@@ -10,8 +10,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dalle_lightning.cli import check_group_choices, exit_on_user_error, register_resolvers
+from dalle_lightning.cli import check_group_choices, exit_on_user_error
 from dalle_lightning.evaluating import evaluate
+from dalle_lightning.resume import register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dalle_lightning.cli import check_group_choices, exit_on_user_error, register_resolvers
+from dalle_lightning.cli import check_group_choices, exit_on_user_error
+from dalle_lightning.resume import register_resolvers
 from dalle_lightning.training import train
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"

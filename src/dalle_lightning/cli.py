@@ -14,16 +14,14 @@ from pathlib import Path
 
 from dalle_lightning.callbacks.nonfinite import NonFiniteError
 from dalle_lightning.config import ConfigError
-from dalle_lightning.resume import register_resolvers
 
-__all__ = ["check_group_choices", "exit_on_user_error", "fail", "register_resolvers"]
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_DIVERGED = 3
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
+    raise SystemExit(code)
 
 
 @contextmanager
@@ -33,8 +31,7 @@ def exit_on_user_error() -> Iterator[None]:
     except ConfigError as err:
         fail(str(err))
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_TRAINING_DIVERGED) from None
+        fail(str(err), EXIT_TRAINING_DIVERGED)
 
 
 def group_options(conf_dir: Path, group: str) -> list[str]:

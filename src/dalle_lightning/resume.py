@@ -60,7 +60,7 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
         raise ConfigError(
             "resume", resume, "false when ckpt_path is a file (pass one or the other)"
         )
-    if ckpt_path in ("best",):
+    if ckpt_path == "best":
         raise ConfigError("ckpt_path", ckpt_path, "a checkpoint file, or last (= resume=true)")
     if resume or ckpt_path == "last":
         path = Path(cfg.paths.output_dir) / LAST
@@ -87,11 +87,10 @@ def resumed_logger_config(logger_cfg: DictConfig | None, step: int) -> DictConfi
     if not logger_cfg:
         return logger_cfg
     logger_cfg = logger_cfg.copy()
-    for name, sub in logger_cfg.items():
+    for sub in logger_cfg.values():
         if str(sub.get("_target_", "")).endswith("TensorBoardLogger"):
             with open_dict(sub):
                 sub.purge_step = step
-            logger_cfg[name] = sub
     return logger_cfg
 
 

@@ -33,15 +33,14 @@ class NonFiniteGuard(pl.Callback):
         self.in_row = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-        grads = [g for g in grads if g is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # one host sync per step, not one per parameter
+        finite = not params or bool(torch.stack([p.grad.isfinite().all() for p in params]).all())
         if finite:
             self.in_row = 0
         else:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+            for p in params:
+                p.grad = None
             self.skipped += 1
             self.in_row += 1
             log.warning(

@@ -25,6 +25,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,6 @@ def audit(
 ) -> tuple[list, dict]:
     """(usable items with cleaned captions, report); items are `CaptionedImage`s. Costs one
     decode per image (COCO val: ~1.5 ms per JPEG with `draft` at the training size)."""
-    from dalle_lightning.data.captioned_images import CaptionedImage  # no import cycle
-
     skipped: Counter = Counter()
     converted: Counter = Counter()
     with_captions = []
@@ -149,7 +148,7 @@ def audit(
             if text:
                 captions.append(text)
         if captions:
-            with_captions.append(CaptionedImage(item.path, tuple(captions)))
+            with_captions.append(replace(item, captions=tuple(captions)))
         else:
             skipped["no_caption"] += 1
     checks = DataLoader(
