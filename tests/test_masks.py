@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dalle_lightning.models.masks import attention_mask, image_mask, layer_patterns
+from dalle_lightning.models.masks import attention_mask, first_key, image_mask, layer_patterns
 
 GRID, TEXT = 5, 3
 
@@ -36,6 +36,23 @@ def test_image_masks_match_the_brute_force_rule(pattern):
         [[brute_force(pattern, p, s, GRID) for s in range(n)] for p in range(n)]
     )
     assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("pattern", ["full", "row", "column", "conv"])
+@pytest.mark.parametrize("grid, kernel", [(4, 3), (6, 3), (6, 5), (8, 11)])
+def test_first_key_bounds_the_allowed_keys_tightly_for_row_and_conv(pattern, grid, kernel):
+    """A decoding step reads only cache slots [first_key, p] of row and conv layers."""
+    mask = image_mask(pattern, grid, conv_kernel=kernel)
+    for p in range(grid * grid):
+        earliest = int(mask[p].nonzero().min())
+        first = first_key(pattern, p, grid, kernel)
+        assert mask[p, first : p + 1].sum() == mask[p].sum()  # nothing allowed is left out
+        if pattern == "row":
+            assert first == earliest
+        elif pattern == "conv":  # the start of the window's top row
+            assert first == earliest // grid * grid
+        else:
+            assert first == 0
 
 
 @pytest.mark.parametrize("pattern", ["full", "row", "column", "conv"])

@@ -59,6 +59,20 @@ def image_mask(pattern: str, grid: int, conv_kernel: int = 11, device=None) -> T
     raise ValueError(f"attention pattern {pattern!r} unknown; one of {PATTERNS}")
 
 
+def first_key(pattern: str, slot: int, grid: int, conv_kernel: int = 11) -> int:
+    """A lower bound on the image slots that image slot `slot` may attend to under `pattern`:
+    every allowed key lies in [first_key, slot]. Row: the earliest allowed slot; conv: the start
+    of the window's top row; full and column: 0. Lets a decoding step read only that part of
+    the key/value cache."""
+    if pattern == "row":
+        return max(0, slot - grid)
+    if pattern == "conv":
+        return max(0, (slot // grid - conv_kernel // 2) * grid)
+    if pattern in ("full", "column"):
+        return 0
+    raise ValueError(f"attention pattern {pattern!r} unknown; one of {PATTERNS}")
+
+
 def attention_mask(
     pattern: str, text_len: int, grid: int, conv_kernel: int = 11, device=None
 ) -> Tensor:

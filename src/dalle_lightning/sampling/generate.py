@@ -100,7 +100,9 @@ def sample_codes(
             logits = logits[B:] + cond_scale * (logits[:B] - logits[B:])
         if keep_logits:
             kept.append(logits)
-        filtered = filter_logits(logits / temperature, top_k, top_p)
+        if temperature != 1.0:
+            logits = logits / temperature
+        filtered = filter_logits(logits, top_k, top_p)
         sampled = gumbel_max(filtered, generator)
         codes[:, p] = sampled.repeat(2) if guided else sampled
     return Samples(codes[:B], torch.stack(kept, 1) if keep_logits else None)
