@@ -257,12 +257,7 @@ class PriorTransformer(nn.Module):
         c = self.config
         B, T, D, H, E = code.shape[0], c.text_seq_len, c.dim, c.heads, c.dim // c.heads
         start = cache.length
-        slot = start - T
-        x = (
-            self.image_embedding(code)
-            + self.row_embedding.weight[slot // c.grid_size]
-            + self.column_embedding.weight[slot % c.grid_size]
-        )
+        x = self.embed_image(code[:, None], start - T)[:, 0]
         for layer, (block, pattern) in enumerate(zip(self.blocks, self.patterns, strict=True)):
             attention, mlp = block.attention, block.mlp
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
