@@ -15,7 +15,7 @@ from dalle_lightning.modules.losses import (
     logit_laplace_nll,
     mse_nll,
 )
-from dalle_lightning.modules.schedules import cosine_anneal
+from dalle_lightning.modules.schedules import cosine_anneal, linear_warmup
 
 NET = dict(image_size=32, vocab_size=64, n_hid=16, n_init=8, group_count=3, n_blk_per_group=1)
 
@@ -65,6 +65,36 @@ def test_cosine_anneal_at_known_steps():
     assert cosine_anneal(100, 0.0, 6.6, 100) == pytest.approx(6.6)
     assert cosine_anneal(10_000, 0.0, 6.6, 100) == pytest.approx(6.6)
     assert cosine_anneal(5, 2.0, 3.0, 0) == 3.0
+
+
+def test_linear_warmup_at_known_steps():
+    assert [linear_warmup(s, 4) for s in (0, 1, 3, 4, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert linear_warmup(0, 0) == 1.0  # no warm-up
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_dvae_learning_rate_warms_up_then_follows_the_cosine(warmup):
+    lr, ratio, decay = 3e-3, 0.01, 100
+    module = DVAEModule(
+        NET,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
+        lr_final_ratio=ratio,
+        lr_decay_steps=decay,
+        lr_warmup_steps=warmup,
+    )
+    module.trainer = type("T", (), {"model": module, "max_steps": decay})()
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(decay + 1):
+        seen.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    cosine = [lr * cosine_anneal(s, 1.0, ratio, decay) for s in range(decay + 1)]
+    for step in (0, 4, 9):
+        expected = cosine[step] * ((step + 1) / warmup if warmup else 1.0)
+        assert seen[step] == pytest.approx(expected), step
+    assert seen[10:] == pytest.approx(cosine[10:])  # after the warm-up: the paper's cosine
+    assert seen[0] == pytest.approx(lr / 10 if warmup else lr)
 
 
 def test_module_schedules_follow_the_paper_shape():

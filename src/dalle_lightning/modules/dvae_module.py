@@ -9,7 +9,8 @@ Optionally (not in the paper; `usage_weight` > 0) plus usage_weight * KL(batch-a
 
 Schedules (pure functions of the global step, so a resumed run continues them exactly):
 beta 0 -> beta over `kl_warmup_steps`, tau 1 -> 1/16 over `temp_anneal_steps`, learning rate
-cosine from its initial value to `lr_final_ratio` of it over `lr_decay_steps`.
+cosine from its initial value to `lr_final_ratio` of it over `lr_decay_steps`, optionally
+after a linear warm-up over `lr_warmup_steps` (not in the paper; see `schedules.linear_warmup`).
 
 Validation uses hard (argmax) codes, the way the prior and generation will use the dVAE, and
 the final beta, so val/loss is comparable across steps and runs.
@@ -38,7 +39,7 @@ from dalle_lightning.modules.losses import (
     logit_laplace_nll,
     mse_nll,
 )
-from dalle_lightning.modules.schedules import cosine_anneal
+from dalle_lightning.modules.schedules import cosine_anneal, linear_warmup
 
 RECON_LOSSES = ("logit_laplace", "mse")
 
@@ -69,6 +70,7 @@ class DVAEModule(LightningModule):
         temp_anneal_steps: int = 150_000,
         lr_final_ratio: float = 0.0125,
         lr_decay_steps: int | None = None,
+        lr_warmup_steps: int = 0,
         recon_loss: str = "logit_laplace",
         mse_sigma: float = 0.1,
         num_logged_images: int = 8,
@@ -84,6 +86,7 @@ class DVAEModule(LightningModule):
         require_float("lr_final_ratio", lr_final_ratio, 0.0, 1.0)
         if lr_decay_steps is not None:
             require_int("lr_decay_steps", lr_decay_steps, 1)
+        require_int("lr_warmup_steps", lr_warmup_steps, 0)
         require_choice("recon_loss", recon_loss, RECON_LOSSES)
         require_float("mse_sigma", mse_sigma, 1e-6)
         require_int("num_logged_images", num_logged_images, 0)
@@ -221,9 +224,10 @@ class DVAEModule(LightningModule):
                 self.hparams.lr_decay_steps,
                 "an integer >= 1, or null with trainer.max_steps > 0",
             )
-        ratio = self.hparams.lr_final_ratio
+        ratio, warmup = self.hparams.lr_final_ratio, self.hparams.lr_warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_anneal(step, 1.0, ratio, decay_steps)
+            optimizer,
+            lambda step: linear_warmup(step, warmup) * cosine_anneal(step, 1.0, ratio, decay_steps),
         )
         return {
             "optimizer": optimizer,

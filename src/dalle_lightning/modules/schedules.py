@@ -17,3 +17,12 @@ def cosine_anneal(step: int, start: float, end: float, steps: int) -> float:
         return end
     progress = min(max(step, 0), steps) / steps
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def linear_warmup(step: int, steps: int) -> float:
+    """Factor (step + 1) / steps up to 1, then 1 forever; always 1 when `steps` is 0.
+
+    Not in the paper's dVAE schedule: at lr 3e-3 the small 8x-downsampling shapes dVAE
+    otherwise dies in its first steps (constant output, 13.9 dB) for most seeds.
+    """
+    return min(1.0, (step + 1) / steps) if steps > 0 else 1.0
