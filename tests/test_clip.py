@@ -98,7 +98,7 @@ def test_train_clip_logs_recall_and_its_checkpoint_reranks(make_cfg, tmp_path):
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert raw["clip_config"]["image_size"] == 32
     expected = reranker.model.similarity(reranker.tokenizer.encode(captions), images)
-    assert scores.shape == (5,) and torch.allclose(scores, expected)
+    assert scores.shape == (5,) and torch.allclose(scores, expected, atol=1e-6)  # fp32 batching
     # the weights are the trained ones, not a fresh init
     key = "net.image.proj.weight"
     assert torch.equal(
