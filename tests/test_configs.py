@@ -19,6 +19,7 @@ GROUPS = [
     "callbacks",
     "logger",
     "trainer",
+    "schedule",
     "paths",
     "hydra",
     "debug",
@@ -41,6 +42,7 @@ def test_train_defaults_list_has_the_documented_groups():
         "callbacks: default",
         "logger: default",
         "trainer: default",
+        "optional schedule: ${model}",
         "paths: default",
         "hydra: default",
         "experiment: null",
@@ -111,6 +113,7 @@ def test_paper_dvae_has_the_paper_sizes_and_schedules(make_cfg):
     assert cfg.model.optimizer.lr == 1e-4
     assert cfg.model.optimizer.lr * cfg.model.lr_final_ratio == pytest.approx(1.25e-6)
     assert cfg.model.lr_decay_steps == 1_200_000 and cfg.trainer.max_steps == 3_000_000
+    assert cfg.model.lr_warmup_steps == 0
     total_batch = cfg.dataset.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
     assert total_batch == 512 and cfg.trainer.precision == "16-mixed"
     with torch.device("meta"):
@@ -144,6 +147,24 @@ def test_shapes_dalle_experiment_is_model_dalle(make_cfg):
     default, experiment = make_cfg(["model=dalle"]), make_cfg(["experiment=shapes_dalle"])
     for key in ("model", "dataset", "trainer"):
         assert default[key] == experiment[key], key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "steps"),
+    [
+        (["model=dvae"], 3000),  # schedule/dvae.yaml
+        (["model=dalle"], 6000),  # schedule/dalle.yaml
+        (["model=clip"], 1500),  # no schedule/clip.yaml: trainer/default's budget
+        (["model=dalle", "trainer.max_steps=7"], 7),  # the command line wins
+        (["model=dalle", "debug=limit"], 20),  # debug configs win
+        (["experiment=paper_dalle"], 430_000),  # experiments win
+    ],
+)
+def test_each_stage_has_its_own_step_budget(make_cfg, overrides, steps):
+    cfg = make_cfg(overrides)
+    assert cfg.trainer.max_steps == steps
+    if cfg.model._target_.endswith("DVAEModule") and "experiment" not in str(overrides):
+        assert cfg.model.temp_anneal_steps == steps  # tau reaches 1/16 at the last step
 
 
 def test_paper_dalle_has_the_paper_sizes_and_builds_on_meta(make_cfg):

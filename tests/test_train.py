@@ -47,7 +47,8 @@ def test_short_run_checkpoints_load_and_evaluate(make_cfg, tmp_path):
     raw = torch.load(ckpts["last"], map_location="cpu", weights_only=True)
     assert raw["global_step"] == 6 and raw["dvae_config"]["vocab_size"] == 32
     model = DVAE.from_checkpoint(ckpts["best"])
-    assert model.encode(torch.rand(2, 3, 32, 32)).shape == (2, 8, 8)
+    grid = 32 // 2 ** (cfg.model.net.group_count - 1)  # the configured downsampling
+    assert model.encode(torch.rand(2, 3, 32, 32)).shape == (2, grid, grid)
     # TensorBoard event file and the reconstruction grid PNG are written
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (
@@ -79,6 +80,8 @@ def test_overfit_debug_config_learns(make_cfg):
             "model.optimizer.lr=1e-2",
             "model.kl_warmup_steps=1000",
             "model.temp_anneal_steps=100",  # hard codes at the end, as validation uses them
+            "model.net.group_count=3",  # 8 x 8 codes of 32 px: 100 steps at lr 1e-2 suffice
+            "model.lr_warmup_steps=0",
             "logger=none",
             "callbacks=none",
             "test=false",
@@ -107,7 +110,7 @@ def test_cli_rejects_negative_max_steps(tmp_path):
 
 def test_cli_rejects_image_size_the_dvae_cannot_divide(tmp_path):
     result = run_script("train.py", "dataset.image_size=50", f"paths.log_dir={tmp_path}")
-    _one_line_error(result, "model.net.image_size=50", "multiple of 4")
+    _one_line_error(result, "model.net.image_size=50", "multiple of 8")
 
 
 def test_cli_rejects_unknown_dataset_and_model(tmp_path):
@@ -168,4 +171,5 @@ def test_ema_callback_trains_and_checkpoints(make_cfg):
     # the averaged weights are what the checkpoint holds, and they still rebuild the dVAE
     assert any("EMAWeightAveraging" in key for key in ckpt["callbacks"])
     model = DVAE.from_checkpoint(summary["checkpoints"]["last"])
-    assert model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 8, 8)
+    grid = 32 // 2 ** (cfg.model.net.group_count - 1)
+    assert model.encode(torch.rand(1, 3, 32, 32)).shape == (1, grid, grid)
