@@ -153,7 +153,7 @@ def test_shapes_dalle_experiment_is_model_dalle(make_cfg):
     ("overrides", "steps"),
     [
         (["model=dvae"], 3000),  # schedule/dvae.yaml
-        (["model=dalle"], 6000),  # schedule/dalle.yaml
+        (["model=dalle"], 4000),  # schedule/dalle.yaml
         (["model=clip"], 1500),  # no schedule/clip.yaml: trainer/default's budget
         (["model=dalle", "trainer.max_steps=7"], 7),  # the command line wins
         (["model=dalle", "debug=limit"], 20),  # debug configs win
@@ -165,6 +165,10 @@ def test_each_stage_has_its_own_step_budget(make_cfg, overrides, steps):
     assert cfg.trainer.max_steps == steps
     if cfg.model._target_.endswith("DVAEModule") and "experiment" not in str(overrides):
         assert cfg.model.temp_anneal_steps == steps  # tau reaches 1/16 at the last step
+    if overrides == ["model=dalle"]:
+        assert cfg.dataset.batch_size == 16  # the prior's batch; the dVAE keeps 8
+    if overrides == ["model=dvae"]:
+        assert cfg.dataset.batch_size == 8
 
 
 def test_paper_dalle_has_the_paper_sizes_and_builds_on_meta(make_cfg):
