@@ -150,25 +150,24 @@ def test_shapes_dalle_experiment_is_model_dalle(make_cfg):
 
 
 @pytest.mark.parametrize(
-    ("overrides", "steps"),
+    ("overrides", "steps", "batch"),
     [
-        (["model=dvae"], 3000),  # schedule/dvae.yaml
-        (["model=dalle"], 4000),  # schedule/dalle.yaml
-        (["model=clip"], 1500),  # no schedule/clip.yaml: trainer/default's budget
-        (["model=dalle", "trainer.max_steps=7"], 7),  # the command line wins
-        (["model=dalle", "debug=limit"], 20),  # debug configs win
-        (["experiment=paper_dalle"], 430_000),  # experiments win
+        (["model=dvae"], 3000, 8),  # schedule/dvae.yaml
+        (["model=dalle"], 4000, 16),  # schedule/dalle.yaml
+        (["model=clip"], 1500, 64),  # no schedule/clip.yaml: trainer/default's budget
+        (["model=dalle", "trainer.max_steps=7"], 7, 16),  # the command line wins
+        (["model=dalle", "debug=limit"], 20, 16),  # debug configs win
+        (["experiment=paper_dalle"], 430_000, 2),  # experiments win
     ],
 )
-def test_each_stage_has_its_own_step_budget(make_cfg, overrides, steps):
+def test_each_stage_has_its_own_step_budget(make_cfg, overrides, steps, batch):
     cfg = make_cfg(overrides)
-    assert cfg.trainer.max_steps == steps
-    if cfg.model._target_.endswith("DVAEModule") and "experiment" not in str(overrides):
-        assert cfg.model.temp_anneal_steps == steps  # tau reaches 1/16 at the last step
-    if overrides == ["model=dalle"]:
-        assert cfg.dataset.batch_size == 16  # the prior's batch; the dVAE keeps 8
-    if overrides == ["model=dvae"]:
-        assert cfg.dataset.batch_size == 8
+    assert (cfg.trainer.max_steps, cfg.dataset.batch_size) == (steps, batch)
+
+
+def test_dvae_tau_anneals_over_its_step_budget(make_cfg):
+    cfg = make_cfg(["model=dvae"])
+    assert cfg.model.temp_anneal_steps == cfg.trainer.max_steps  # tau is 1/16 at the last step
 
 
 def test_paper_dalle_has_the_paper_sizes_and_builds_on_meta(make_cfg):
