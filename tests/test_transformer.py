@@ -89,6 +89,28 @@ def test_cached_and_uncached_sampling_give_equal_logits(attention):
     )
 
 
+def test_each_generation_uses_the_current_weights():
+    """`prefill` prepacks the step's weights per generation: after the weights change, cached
+    sampling still equals the uncached forward (no stale copy from an earlier generation)."""
+    model = tiny("sparse")
+    text, _ = inputs(batch=2)
+    sample_codes(model, text, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp[0].weight.mul_(3.0)
+    cached, uncached = (
+        sample_codes(
+            model,
+            text,
+            generator=torch.Generator().manual_seed(3),
+            use_cache=use_cache,
+            keep_logits=True,
+        )
+        for use_cache in (True, False)
+    )
+    torch.testing.assert_close(cached.logits, uncached.logits, atol=1e-5, rtol=0)
+
+
 def test_guided_sampling_mixes_caption_and_blank_logits_with_and_without_cache():
     """cond_scale s: logits = blank + s * (caption - blank), the blank row fed the same codes."""
     model = tiny("sparse")

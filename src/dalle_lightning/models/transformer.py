@@ -33,6 +33,7 @@ from dalle_lightning.models.masks import (
     flex_block_mask,
     layer_patterns,
 )
+from dalle_lightning.models.packed_linear import PackedLinear
 
 BACKENDS = ("sdpa", "flex")
 
@@ -87,14 +88,20 @@ class PriorOutput(NamedTuple):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: (depth, B, H, S, E) each."""
+    """Preallocated keys and values of every layer: (depth, B, H, S, E) each, two views of one
+    (depth, 2, B, H, S, E) buffer so that a decoding step writes both with one copy."""
 
     def __init__(self, config: PriorConfig, batch: int, device=None, dtype=None):
         head_dim = config.dim // config.heads
-        shape = (config.depth, batch, config.heads, config.seq_len, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (config.depth, 2, batch, config.heads, config.seq_len, head_dim)
+        self.keys_values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys, self.values = self.keys_values.unbind(1)
         self.length = 0  # slots filled so far
+        # set by `PriorTransformer.prefill` for `step`: (N, D) row + column embeddings, and each
+        # block's (qkv, proj, mlp in + GELU, mlp out) linears plus the image head, prepacked
+        self.image_positions: Tensor | None = None
+        self.linears: list[tuple[PackedLinear, ...]] = []
+        self.image_head: PackedLinear | None = None
 
 
 class Attention(nn.Module):
@@ -190,15 +197,16 @@ class PriorTransformer(nn.Module):
         positions = torch.arange(text.shape[1], device=text.device)
         return self.text_embedding(text) + self.text_position(positions)
 
+    def image_positions(self) -> Tensor:
+        """(N, D): row embedding + column embedding of every image slot, in raster order."""
+        grid = self.config.grid_size
+        slots = torch.arange(grid * grid, device=self.row_embedding.weight.device)
+        return self.row_embedding(slots // grid) + self.column_embedding(slots % grid)
+
     def embed_image(self, inputs: Tensor, start: int) -> Tensor:
         """(B, t) image-slot inputs (codes, or start_of_image) at slots start.. -> (B, t, D)."""
-        slots = torch.arange(start, start + inputs.shape[1], device=inputs.device)
-        grid = self.config.grid_size
-        return (
-            self.image_embedding(inputs)
-            + self.row_embedding(slots // grid)
-            + self.column_embedding(slots % grid)
-        )
+        positions = self.image_positions()[start : start + inputs.shape[1]]
+        return self.image_embedding(inputs) + positions
 
     def image_inputs(self, codes: Tensor) -> Tensor:
         """(B, N) codes -> (B, N) slot inputs: start-of-image, then codes shifted by one."""
@@ -240,6 +248,18 @@ class PriorTransformer(nn.Module):
 
     def prefill(self, text: Tensor, cache: KVCache) -> Tensor:
         """Run the text and the start-of-image slot; logits of code 0: (B, image_vocab)."""
+        rows = text.shape[0]  # what every `step` reads: positions and prepacked weights
+        cache.image_positions = self.image_positions()
+        cache.linears = [
+            (
+                PackedLinear(block.attention.qkv, rows),
+                PackedLinear(block.attention.proj, rows),
+                PackedLinear(block.mlp[0], rows, gelu=True),
+                PackedLinear(block.mlp[2], rows),
+            )
+            for block in self.blocks
+        ]
+        cache.image_head = PackedLinear(self.to_image_logits, rows)
         soi = torch.full_like(text[:, :1], self.start_of_image)
         x = torch.cat([self.embed_text(text), self.embed_image(soi, 0)], dim=1)
         return self.to_image_logits(self.hidden(x, cache)[:, -1])
@@ -247,30 +267,29 @@ class PriorTransformer(nn.Module):
     def step(self, code: Tensor, cache: KVCache) -> Tensor:
         """Feed code p - 1 (B,) into image slot p; logits of code p: (B, image_vocab).
 
-        The same math as `hidden` for one slot, written with functional calls on the live
-        parameters: a decoding step is a few small matmuls, and the module calls, the mask
-        lookups and the separate scale/mask/matmul ops cost about a fifth of it on CPU. The
-        scale, mask and scores are one `baddbmm` with an additive mask row, and row and conv
-        layers read only their window of the cache (`_step_attention`). No dropout: generation runs
-        in eval mode. Equal to the teacher-forced logits (`tests/test_transformer.py`).
+        The same math as `hidden` for one slot, written with functional calls: a decoding step
+        is a few small matmuls, and the module calls, the mask lookups and the separate
+        scale/mask/matmul ops cost about a fifth of it on CPU. The linears use the weights that
+        `prefill` prepacked (`packed_linear.py`, GELU fused) and the position embeddings it
+        summed; scale, mask and scores are one `baddbmm` with an additive mask row, and row and
+        conv layers read only their window of the cache (`_step_attention`). No dropout:
+        generation runs in eval mode. Equal to the teacher-forced logits
+        (`tests/test_transformer.py`).
         """
         c = self.config
         B, T, D, H, E = code.shape[0], c.text_seq_len, c.dim, c.heads, c.dim // c.heads
         start = cache.length
-        x = self.embed_image(code[:, None], start - T)[:, 0]
-        for layer, (block, pattern) in enumerate(zip(self.blocks, self.patterns, strict=True)):
-            attention, mlp = block.attention, block.mlp
+        x = F.embedding(code, self.image_embedding.weight) + cache.image_positions[start - T]
+        layers = zip(self.blocks, self.patterns, cache.linears, strict=True)
+        for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
-            qkv = F.linear(h, attention.qkv.weight, attention.qkv.bias).view(B, 3, H, E)
-            cache.keys[layer, :, :, start] = qkv[:, 1]
-            cache.values[layer, :, :, start] = qkv[:, 2]
+            qkv = qkv_in(h).view(B, 3, H, E)
+            cache.keys_values[layer, :, :, :, start] = qkv[:, 1:].transpose(0, 1)
             out = self._step_attention(qkv[:, 0].reshape(B * H, 1, E), cache, layer, pattern)
-            x = x + F.linear(out.view(B, D), attention.proj.weight, attention.proj.bias)
-            h = F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)
-            h = F.gelu(F.linear(h, mlp[0].weight, mlp[0].bias))
-            x = x + F.linear(h, mlp[2].weight, mlp[2].bias)
+            x = x + proj(out.view(B, D))
+            x = x + mlp_out(mlp_in(F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)))
         cache.length += 1
-        return self.to_image_logits(F.layer_norm(x, (D,), self.norm.weight, self.norm.bias))
+        return cache.image_head(F.layer_norm(x, (D,), self.norm.weight, self.norm.bias))
 
     def _step_attention(self, q: Tensor, cache: KVCache, layer: int, pattern: str) -> Tensor:
         """Queries (B * H, 1, E) of slot `cache.length` against the cached keys and values that
