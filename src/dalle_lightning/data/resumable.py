@@ -66,7 +66,9 @@ class SeededDraws(Dataset):
     def __getitem__(self, draw: int):
         index = draw % len(self.dataset)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(self.seed, draw))
+            # the CPU generator only: `torch.manual_seed` also seeds every accelerator lazily,
+            # recording a stack trace each time (~0.6 ms per item, 12% of a prior step)
+            torch.default_generator.manual_seed(derived_seed(self.seed, draw))
             return self.dataset[index]
 
 
