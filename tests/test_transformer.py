@@ -66,21 +66,26 @@ def test_changing_a_later_token_never_changes_earlier_logits(attention):
     assert not torch.allclose(out.image_logits, base.image_logits)  # the image sees all text
 
 
+def cached_and_uncached(model, text, seed: int, **kwargs):
+    """The same seeded sampling run with and without the key/value cache, logits kept."""
+    return [
+        sample_codes(
+            model,
+            text,
+            generator=torch.Generator().manual_seed(seed),
+            use_cache=use_cache,
+            keep_logits=True,
+            **kwargs,
+        )
+        for use_cache in (True, False)
+    ]
+
+
 @pytest.mark.parametrize("attention", ["full", "sparse"])
 def test_cached_and_uncached_sampling_give_equal_logits(attention):
     model = tiny(attention)
     text, _ = inputs(batch=2)
-    runs = [
-        sample_codes(
-            model,
-            text,
-            top_k=10,
-            generator=torch.Generator().manual_seed(3),
-            use_cache=use_cache,
-            keep_logits=True,
-        )
-        for use_cache in (True, False)
-    ]
+    runs = cached_and_uncached(model, text, seed=3, top_k=10)
     assert torch.equal(runs[0].codes, runs[1].codes)
     torch.testing.assert_close(runs[0].logits, runs[1].logits, atol=1e-5, rtol=0)
     # and both equal teacher forcing on the sampled codes
@@ -98,16 +103,7 @@ def test_each_generation_uses_the_current_weights():
     with torch.no_grad():
         for block in model.blocks:
             block.mlp[0].weight.mul_(3.0)
-    cached, uncached = (
-        sample_codes(
-            model,
-            text,
-            generator=torch.Generator().manual_seed(3),
-            use_cache=use_cache,
-            keep_logits=True,
-        )
-        for use_cache in (True, False)
-    )
+    cached, uncached = cached_and_uncached(model, text, seed=3)
     torch.testing.assert_close(cached.logits, uncached.logits, atol=1e-5, rtol=0)
 
 
@@ -115,17 +111,7 @@ def test_guided_sampling_mixes_caption_and_blank_logits_with_and_without_cache()
     """cond_scale s: logits = blank + s * (caption - blank), the blank row fed the same codes."""
     model = tiny("sparse")
     text, _ = inputs(batch=2)
-    runs = [
-        sample_codes(
-            model,
-            text,
-            generator=torch.Generator().manual_seed(5),
-            use_cache=use_cache,
-            keep_logits=True,
-            cond_scale=3.0,
-        )
-        for use_cache in (True, False)
-    ]
+    runs = cached_and_uncached(model, text, seed=5, cond_scale=3.0)
     assert torch.equal(runs[0].codes, runs[1].codes) and runs[0].codes.shape == (2, GRID**2)
     torch.testing.assert_close(runs[0].logits, runs[1].logits, atol=1e-5, rtol=0)
     codes = runs[0].codes
