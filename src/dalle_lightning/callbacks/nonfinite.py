@@ -36,8 +36,8 @@ class NonFiniteGuard(pl.Callback):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         # one fused norm per step (what clip_grad_norm_ uses) and one host sync: a norm is NaN
         # or inf iff its tensor has a non-finite value (or its squares overflow fp32, ~1e19)
-        norms = torch._foreach_norm([p.grad for p in params]) if params else []
-        finite = not params or bool(torch.stack(norms).isfinite().all())
+        grads = [p.grad for p in params]
+        finite = not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
         if finite:
             self.in_row = 0
         else:

@@ -32,6 +32,7 @@ from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
+from dalle_lightning.modules.schedules import linear_warmup
 from dalle_lightning.run_summary import latest_checkpoint
 from dalle_lightning.sampling.generate import blank_text, check_sampling
 from dalle_lightning.text.tokenizer import BPETokenizer
@@ -246,8 +247,7 @@ class DalleModule(LightningModule):
             self._bad_validations = 0
 
     def lr_factor(self, step: int) -> float:
-        warmup = self.hparams.warmup_steps
-        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        ramp = linear_warmup(step, self.hparams.warmup_steps)
         return ramp * self.hparams.plateau_factor**self.lr_halvings
 
     def configure_optimizers(self):

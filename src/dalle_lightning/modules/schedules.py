@@ -22,7 +22,8 @@ def cosine_anneal(step: int, start: float, end: float, steps: int) -> float:
 def linear_warmup(step: int, steps: int) -> float:
     """Factor (step + 1) / steps up to 1, then 1 forever; always 1 when `steps` is 0.
 
-    Not in the paper's dVAE schedule: at lr 3e-3 the small 8x-downsampling shapes dVAE
-    otherwise dies in its first steps (constant output, 13.9 dB) for most seeds.
+    The prior's warm-up (paper B.2). Not in the paper's dVAE schedule: at lr 3e-3 the small
+    8x-downsampling shapes dVAE otherwise dies in its first steps (constant output, 13.9 dB)
+    for most seeds.
     """
     return min(1.0, (step + 1) / steps) if steps > 0 else 1.0
