@@ -36,6 +36,12 @@ SMALL = ["dataset.num_val=8", "dataset.num_test=8", "trainer.max_steps=2", "logg
         ("resume=true ckpt_path=/no/such.ckpt", "resume", "one or the other"),
         ("model=clip model.optimizer.lr=-1", "model.optimizer.lr", ">= 1e-12"),
         ("model=dalle model.dvae_ckpt=/no/dvae.ckpt", "model.dvae_ckpt", "dVAE checkpoint"),
+        ("model=dalle model.anneal_fraction=2", "model.anneal_fraction", "[0.0, 1.0]"),
+        (
+            "model=dalle model.anneal_fraction=0.5 trainer.max_steps=-1 trainer.max_epochs=1",
+            "model.anneal_fraction",
+            "trainer.max_steps",
+        ),
     ],
 )
 def test_bad_value_fails_before_any_work(make_cfg, tmp_path, override, field, allowed):

@@ -176,6 +176,7 @@ def test_paper_dalle_has_the_paper_sizes_and_builds_on_meta(make_cfg):
     assert (text.vocab_size, text.text_seq_len) == (16384, 256)
     assert (net.depth, net.heads, net.dim // net.heads, net.attention) == (64, 62, 64, "sparse")
     assert tuple(cfg.model.optimizer.betas) == (0.9, 0.96) and cfg.model.grad_clip_norm == 4.0
+    assert cfg.model.anneal_fraction == 0  # halvings on plateaus only, as in the paper
     with torch.device("meta"):  # grid and codes from the paper dVAE's config, as in training
         dvae = DVAE(DVAEConfig(**make_cfg(["experiment=paper_dvae"]).model.net))
         prior = PriorTransformer(

@@ -128,6 +128,8 @@ def test_training_checkpoint_rebuilds_dalle_and_generates(make_cfg, tiny_dvae, t
     ckpt = summary["checkpoints"]["last"]
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert raw["prior_config"]["grid_size"] == 8 and raw["prior_config"]["image_vocab"] == 32
+    # the default anneal (last 40% of trainer.max_steps) has brought the LR to 0 at step 4
+    assert raw["lr_schedulers"][0]["_last_lr"] == [0.0, 0.0]
     assert (tmp_path / "tokenizer.json").is_file()
     assert (tmp_path / "samples" / "step_0000004.png").is_file()
     assert len((tmp_path / "samples" / "captions.txt").read_text().splitlines()) == 2
@@ -215,6 +217,23 @@ def test_learning_rate_warms_up_then_halves_on_plateaus(tiny_dvae):
     for _ in range(10):
         module._plateau_update(5.0)
     assert module.lr_halvings == 2  # at most max_lr_halvings
+
+
+def test_learning_rate_anneals_over_the_last_fraction_of_the_run(tiny_dvae):
+    module = DalleModule(
+        net={"dim": 16, "depth": 1, "heads": 2},
+        dvae_ckpt=str(tiny_dvae),
+        warmup_steps=10,
+        anneal_fraction=0.4,
+    )
+    factors = [module.lr_factor(step, max_steps=100) for step in range(101)]
+    assert factors[9:61] == [1.0] * 52  # warm, constant until the last 40 steps
+    assert factors[80] == pytest.approx(0.5)  # half-way down the half cosine
+    assert all(a > b for a, b in zip(factors[60:], factors[61:], strict=False))
+    assert factors[100] == 0.0
+    module.lr_halvings = 1  # plateau halvings still apply on top
+    assert module.lr_factor(80, max_steps=100) == pytest.approx(0.25)
+    assert module.lr_factor(80) == 0.5  # no max_steps: no anneal
 
 
 @pytest.mark.parametrize("caption_dropout", [0.0, 0.5, 1.0])

@@ -12,7 +12,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dalle_lightning.config import (
     ConfigError,
@@ -108,6 +108,13 @@ def check_trainer(cfg: DictConfig) -> None:
     max_steps = t.get("max_steps", -1)
     require_int("trainer.max_steps", max_steps, -1)
     require(max_steps != 0, "trainer.max_steps", max_steps, "an integer >= 1, or -1 (no limit)")
+    anneal = OmegaConf.select(cfg, "model.anneal_fraction", default=0) or 0
+    require(
+        not anneal or max_steps > 0,
+        "model.anneal_fraction",
+        anneal,
+        "0 when trainer.max_steps is not set (the anneal ends at trainer.max_steps)",
+    )
     max_epochs = t.get("max_epochs")
     if max_epochs is not None:
         require_int("trainer.max_epochs", max_epochs, -1)

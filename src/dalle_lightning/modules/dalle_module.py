@@ -7,11 +7,14 @@ from yaml. The text vocabulary is `text.vocab_size` BPE ids plus one pad id per 
 Optimisation as in the paper: AdamW (0.9, 0.96, eps 1e-8, weight decay 4.5e-2 on weight
 matrices only: not on gains, biases or embeddings), gradient norm clipped at 4, learning
 rate warmed up linearly, then halved whenever val/loss stops improving for
-`plateau_patience` validations, at most `max_lr_halvings` times.
+`plateau_patience` validations, at most `max_lr_halvings` times. Not in the paper, for
+short runs that never plateau: `anneal_fraction` > 0 takes the learning rate down to 0 along
+half a cosine over that last share of `trainer.max_steps`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -32,7 +35,7 @@ from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
-from dalle_lightning.modules.schedules import linear_warmup
+from dalle_lightning.modules.schedules import cosine_anneal, linear_warmup
 from dalle_lightning.run_summary import latest_checkpoint
 from dalle_lightning.sampling.generate import blank_text, check_sampling
 from dalle_lightning.text.tokenizer import BPETokenizer
@@ -88,6 +91,7 @@ class DalleModule(LightningModule):
         plateau_patience: int = 2,
         plateau_factor: float = 0.5,
         max_lr_halvings: int = 5,
+        anneal_fraction: float = 0.0,
         text_loss_weight: float = 1 / 8,
         caption_dropout: float = 0.0,
         grad_clip_norm: float | None = 4.0,
@@ -104,6 +108,7 @@ class DalleModule(LightningModule):
         require_int("plateau_patience", plateau_patience, 0)
         require_float("plateau_factor", plateau_factor, 1e-6, 1.0)
         require_int("max_lr_halvings", max_lr_halvings, 0)
+        require_float("anneal_fraction", anneal_fraction, 0.0, 1.0)
         require_float("text_loss_weight", text_loss_weight, 0.0, 1.0)
         require_float("caption_dropout", caption_dropout, 0.0, 1.0)
         if grad_clip_norm is not None:
@@ -246,9 +251,15 @@ class DalleModule(LightningModule):
                 log.info("val/loss plateaued: learning rate x %s", self.hparams.plateau_factor)
             self._bad_validations = 0
 
-    def lr_factor(self, step: int) -> float:
-        ramp = linear_warmup(step, self.hparams.warmup_steps)
-        return ramp * self.hparams.plateau_factor**self.lr_halvings
+    def lr_factor(self, step: int, max_steps: int = 0) -> float:
+        """Warm-up ramp x plateau halvings x, over the last `anneal_fraction` of `max_steps`,
+        half a cosine down to 0 (off when either is 0)."""
+        factor = linear_warmup(step, self.hparams.warmup_steps)
+        factor *= self.hparams.plateau_factor**self.lr_halvings
+        anneal = round(self.hparams.anneal_fraction * max_steps)
+        if anneal > 0:
+            factor *= cosine_anneal(step - (max_steps - anneal), 1.0, 0.0, anneal)
+        return factor
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -260,7 +271,10 @@ class DalleModule(LightningModule):
                 (decay if is_matrix else no_decay).append(param)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = self.optimizer(groups) if self.optimizer else torch.optim.AdamW(groups)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        max_steps = max(self.trainer.max_steps, 0)  # -1 (epochs only): no anneal, config check
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(self.lr_factor, max_steps=max_steps)
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
