@@ -257,7 +257,8 @@ def test_caption_dropout_blanks_whole_captions_in_training_only(tiny_dvae, capti
 
 def test_weight_decay_skips_gains_biases_and_embeddings(tiny_dvae):
     module = DalleModule(net={"dim": 16, "depth": 1, "heads": 2}, dvae_ckpt=str(tiny_dvae))
-    module.trainer = type("T", (), {"model": module})()  # configure_optimizers reads trainer.model
+    # configure_optimizers reads trainer.model and trainer.max_steps
+    module.trainer = type("T", (), {"model": module, "max_steps": 100})()
     optimizer = module.configure_optimizers()["optimizer"]
     decay, no_decay = optimizer.param_groups
     linear_weights = {
