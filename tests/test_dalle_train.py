@@ -54,6 +54,11 @@ def shapes(n: int = 24) -> ShapesDataModule:
     )
 
 
+def tiny_module(dvae_path: Path, **kwargs) -> DalleModule:
+    """A one-layer prior over `dvae_path`'s codes, for tests of the module's own logic."""
+    return DalleModule(net={"dim": 16, "depth": 1, "heads": 2}, dvae_ckpt=str(dvae_path), **kwargs)
+
+
 def test_token_cache_holds_the_dvae_codes_and_is_reused(tiny_dvae, tmp_path, monkeypatch):
     dvae = DVAE.from_checkpoint(tiny_dvae)
     sha = file_sha256(tiny_dvae)
@@ -199,13 +204,7 @@ def test_generate_needs_prompts(tmp_path):
 
 
 def test_learning_rate_warms_up_then_halves_on_plateaus(tiny_dvae):
-    module = DalleModule(
-        net={"dim": 16, "depth": 1, "heads": 2},
-        dvae_ckpt=str(tiny_dvae),
-        warmup_steps=10,
-        plateau_patience=1,
-        max_lr_halvings=2,
-    )
+    module = tiny_module(tiny_dvae, warmup_steps=10, plateau_patience=1, max_lr_halvings=2)
     assert module.lr_factor(0) == pytest.approx(0.1) and module.lr_factor(9) == 1.0
     for val_loss in (3.0, 2.0, 1.5, 1.0):  # improving: never halved
         module._plateau_update(val_loss)
@@ -220,12 +219,7 @@ def test_learning_rate_warms_up_then_halves_on_plateaus(tiny_dvae):
 
 
 def test_learning_rate_anneals_over_the_last_fraction_of_the_run(tiny_dvae):
-    module = DalleModule(
-        net={"dim": 16, "depth": 1, "heads": 2},
-        dvae_ckpt=str(tiny_dvae),
-        warmup_steps=10,
-        anneal_fraction=0.4,
-    )
+    module = tiny_module(tiny_dvae, warmup_steps=10, anneal_fraction=0.4)
     factors = [module.lr_factor(step, max_steps=100) for step in range(101)]
     assert factors[9:61] == [1.0] * 52  # warm, constant until the last 40 steps
     assert factors[80] == pytest.approx(0.5)  # half-way down the half cosine
@@ -238,11 +232,8 @@ def test_learning_rate_anneals_over_the_last_fraction_of_the_run(tiny_dvae):
 
 @pytest.mark.parametrize("caption_dropout", [0.0, 0.5, 1.0])
 def test_caption_dropout_blanks_whole_captions_in_training_only(tiny_dvae, caption_dropout):
-    module = DalleModule(
-        net={"dim": 16, "depth": 1, "heads": 2},
-        text={"vocab_size": 64, "text_seq_len": 6},
-        dvae_ckpt=str(tiny_dvae),
-        caption_dropout=caption_dropout,
+    module = tiny_module(
+        tiny_dvae, text={"vocab_size": 64, "text_seq_len": 6}, caption_dropout=caption_dropout
     )
     seen = []
     module._losses = lambda batch, stage: seen.append(batch["text"]) or torch.zeros(())
@@ -256,7 +247,7 @@ def test_caption_dropout_blanks_whole_captions_in_training_only(tiny_dvae, capti
 
 
 def test_weight_decay_skips_gains_biases_and_embeddings(tiny_dvae):
-    module = DalleModule(net={"dim": 16, "depth": 1, "heads": 2}, dvae_ckpt=str(tiny_dvae))
+    module = tiny_module(tiny_dvae)
     # configure_optimizers reads trainer.model and trainer.max_steps
     module.trainer = type("T", (), {"model": module, "max_steps": 100})()
     optimizer = module.configure_optimizers()["optimizer"]
