@@ -38,6 +38,11 @@ SMALL = ["dataset.num_val=8", "dataset.num_test=8", "trainer.max_steps=2", "logg
         ("model=dalle model.dvae_ckpt=/no/dvae.ckpt", "model.dvae_ckpt", "dVAE checkpoint"),
         ("model=dalle model.anneal_fraction=2", "model.anneal_fraction", "[0.0, 1.0]"),
         (
+            "model=dalle model.caption_dropout=0 model.sampling.cond_scale=2",
+            "model.sampling.cond_scale",
+            "model.caption_dropout=0.1",
+        ),
+        (
             "model=dalle model.anneal_fraction=0.5 trainer.max_steps=-1 trainer.max_epochs=1",
             "model.anneal_fraction",
             "trainer.max_steps",

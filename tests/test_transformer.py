@@ -7,9 +7,17 @@ import warnings
 import pytest
 import torch
 
+from dalle_lightning.config import ConfigError
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
-from dalle_lightning.sampling.generate import blank_text, filter_logits, gumbel_max, sample_codes
+from dalle_lightning.sampling.generate import (
+    SAMPLING_DEFAULTS,
+    blank_text,
+    filter_logits,
+    gumbel_max,
+    resolve_sampling,
+    sample_codes,
+)
 
 T, GRID, TEXT_VOCAB, IMAGE_VOCAB = 6, 4, 40, 24
 
@@ -120,6 +128,26 @@ def test_guided_sampling_mixes_caption_and_blank_logits_with_and_without_cache()
         blank = model(blank_text(model, 2, "cpu"), codes).image_logits
     torch.testing.assert_close(runs[0].logits, blank + 3.0 * (caption - blank), atol=1e-4, rtol=0)
     assert blank_text(model, 1, "cpu").tolist() == [list(range(TEXT_VOCAB, TEXT_VOCAB + T))]
+
+
+def test_sampling_settings_left_unset_come_from_the_checkpoint():
+    trained = {"temperature": 0.5, "top_k": None, "top_p": 0.9, "cond_scale": 1.5}
+    requested = {"temperature": None, "top_k": None, "top_p": 1.0, "cond_scale": None}
+    assert resolve_sampling(requested, trained, guidance_trained=True) == {
+        "temperature": 0.5,
+        "top_k": None,
+        "top_p": 1.0,  # given: nucleus filtering off
+        "cond_scale": 1.5,
+    }
+    # a checkpoint from before sampling settings were saved: the plain sampler
+    assert resolve_sampling({}, {}, guidance_trained=False) == SAMPLING_DEFAULTS
+    # guidance on a prior that never saw a blank caption is refused, naming the fix
+    for trained_scale, asked in ((1.5, None), (1.0, 2.0)):
+        with pytest.raises(ConfigError) as err:
+            resolve_sampling({"cond_scale": asked}, {"cond_scale": trained_scale}, False)
+        assert err.value.field == "cond_scale" and "model.caption_dropout" in str(err.value)
+    with pytest.raises(ConfigError, match="temperature"):
+        resolve_sampling({"temperature": 0.0}, trained, True)
 
 
 def test_sampling_is_seeded():

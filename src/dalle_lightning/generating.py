@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torchvision.utils import make_grid, save_image
 
 from dalle_lightning.config import ConfigError, require, require_int
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.run_summary import latest_checkpoint, run_header, write_metrics
-from dalle_lightning.sampling.generate import check_sampling
+from dalle_lightning.sampling.generate import SAMPLING_DEFAULTS, check_sampling, resolve_sampling
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,16 @@ def _slug(text: str) -> str:
 
 
 def load_dalle(cfg: DictConfig) -> tuple[DALLE, str]:
-    """The stage-2 model of `ckpt_path` (default: the newest finished train_dalle run), with
-    the sampling settings checked first."""
+    """The stage-2 model of `ckpt_path` (default: the newest finished train_dalle run).
+
+    The sampling settings given are checked before loading; those left null then take the
+    checkpoint's own (what it was trained for) and `cfg.sampling` is filled in with them, so
+    every later step and the run's metrics.json see the settings actually used."""
     sampling = dict(cfg.sampling)
     require_int("sampling.batch_size", sampling.pop("batch_size"), 1)
+    given = {k: v for k, v in sampling.items() if v is not None}
     try:
-        check_sampling(**sampling)
+        check_sampling(**{**SAMPLING_DEFAULTS, **given})
     except ConfigError as err:
         raise err.at("sampling") from None
     ckpt_path = cfg.get("ckpt_path") or latest_checkpoint(cfg.paths.log_dir, "train_dalle")
@@ -48,9 +52,17 @@ def load_dalle(cfg: DictConfig) -> tuple[DALLE, str]:
     log.info("DALL-E checkpoint: %s (%s)", ckpt_path, device)
     try:
         trusted = bool(cfg.get("trust_checkpoint", False))
-        return DALLE.from_checkpoint(ckpt_path, device, trusted), str(ckpt_path)
+        model = DALLE.from_checkpoint(ckpt_path, device, trusted)
     except RuntimeError as err:
         raise ConfigError("ckpt_path", str(ckpt_path), str(err)) from None
+    try:
+        resolved = resolve_sampling(sampling, model.sampling, model.caption_dropout > 0)
+    except ConfigError as err:
+        raise err.at("sampling") from None
+    with open_dict(cfg):
+        cfg.sampling.update(resolved)
+    log.info("sampling: %s", ", ".join(f"{k} {v}" for k, v in resolved.items()))
+    return model, str(ckpt_path)
 
 
 def generate(cfg: DictConfig) -> dict:
@@ -84,6 +96,10 @@ def generate(cfg: DictConfig) -> dict:
         print(path, flush=True)
 
     summary = run_header(cfg, time.time() - started)
-    summary.update(checkpoints={"evaluated": str(ckpt_path)}, generated=files)
+    summary.update(
+        checkpoints={"evaluated": str(ckpt_path)},
+        sampling=OmegaConf.to_container(cfg.sampling),
+        generated=files,
+    )
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", summary)
     return summary

@@ -22,7 +22,17 @@ from dalle_lightning.text.tokenizer import BPETokenizer
 
 
 class DALLE(nn.Module):
-    def __init__(self, prior: PriorTransformer, dvae: DVAE, tokenizer: BPETokenizer | None):
+    def __init__(
+        self,
+        prior: PriorTransformer,
+        dvae: DVAE,
+        tokenizer: BPETokenizer | None,
+        sampling: dict | None = None,
+        caption_dropout: float = 0.0,
+    ):
+        """`sampling`: the settings it was trained for (model.sampling), the defaults of
+        `evaluate.py`; `caption_dropout`: its share of blank captions in training (> 0: it
+        can be sampled with classifier-free guidance)."""
         super().__init__()
         if prior.config.image_vocab != dvae.vocab_size or prior.config.grid_size != dvae.grid_size:
             raise ValueError(
@@ -30,6 +40,7 @@ class DALLE(nn.Module):
                 f" codes, the dVAE makes {dvae.grid_size}^2 from {dvae.vocab_size}"
             )
         self.prior, self.dvae, self.tokenizer = prior, dvae, tokenizer
+        self.sampling, self.caption_dropout = dict(sampling or {}), caption_dropout
         self.dvae.requires_grad_(False)  # frozen in stage 2 (paper sec. 2.2)
 
     def checkpoint_extras(self) -> dict:
@@ -38,6 +49,8 @@ class DALLE(nn.Module):
             "prior_config": asdict(self.prior.config),
             "dvae_config": asdict(self.dvae.config),
             "tokenizer": self.tokenizer.state() if self.tokenizer is not None else None,
+            "sampling": self.sampling,
+            "caption_dropout": self.caption_dropout,
         }
 
     @classmethod
@@ -56,7 +69,14 @@ class DALLE(nn.Module):
             )
         prior = PriorTransformer(PriorConfig(**ckpt["prior_config"]))
         dvae = DVAE(DVAEConfig(**ckpt["dvae_config"]))
-        model = cls(prior, dvae, BPETokenizer.from_state(ckpt["tokenizer"]))
+        hparams = ckpt.get("hyper_parameters") or {}  # what checkpoints before "sampling" hold
+        model = cls(
+            prior,
+            dvae,
+            BPETokenizer.from_state(ckpt["tokenizer"]),
+            sampling=ckpt.get("sampling", hparams.get("sampling")),
+            caption_dropout=ckpt.get("caption_dropout", hparams.get("caption_dropout", 0.0)),
+        )
         state = {
             k.removeprefix("model."): v
             for k, v in ckpt["state_dict"].items()

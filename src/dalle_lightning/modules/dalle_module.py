@@ -37,13 +37,12 @@ from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
 from dalle_lightning.modules.schedules import cosine_anneal, linear_warmup
 from dalle_lightning.run_summary import latest_checkpoint
-from dalle_lightning.sampling.generate import blank_text, check_sampling
+from dalle_lightning.sampling.generate import SAMPLING_DEFAULTS, blank_text, resolve_sampling
 from dalle_lightning.text.tokenizer import BPETokenizer
 
 log = logging.getLogger(__name__)
 
 TEXT_FIELDS = {"vocab_size": 512, "text_seq_len": 32, "bpe_dropout": 0.1}
-SAMPLING_FIELDS = {"temperature": 1.0, "top_k": None, "top_p": None, "cond_scale": 1.0}
 
 
 def _fields(group: str, given: dict | None, defaults: dict) -> dict:
@@ -100,7 +99,7 @@ class DalleModule(LightningModule):
     ):
         super().__init__()
         text = _fields("text", text, TEXT_FIELDS)
-        sampling = _fields("sampling", sampling, SAMPLING_FIELDS)
+        sampling = _fields("sampling", sampling, SAMPLING_DEFAULTS)
         require_int("text.vocab_size", text["vocab_size"], 2)
         require_int("text.text_seq_len", text["text_seq_len"], 1)
         require_float("text.bpe_dropout", text["bpe_dropout"], 0.0, 1.0)
@@ -114,8 +113,8 @@ class DalleModule(LightningModule):
         if grad_clip_norm is not None:
             require_float("grad_clip_norm", grad_clip_norm, 1e-12)
         require_int("num_sample_captions", num_sample_captions, 0)
-        try:
-            check_sampling(**sampling)
+        try:  # also refuses guidance (cond_scale != 1) without caption dropout
+            resolve_sampling(sampling, {}, guidance_trained=caption_dropout > 0)
         except ConfigError as err:
             raise err.at("sampling") from None
         net = dict(net)
@@ -142,7 +141,7 @@ class DalleModule(LightningModule):
             raise ConfigError("net", net, f"fields of PriorConfig only ({err})") from None
         self.save_hyperparameters(ignore=["optimizer"])
         self.hparams.update(dvae_ckpt=str(dvae_path), text=text, sampling=sampling)
-        self.model = DALLE(PriorTransformer(config), dvae, tokenizer=None)
+        self.model = DALLE(PriorTransformer(config), dvae, None, sampling, caption_dropout)
         self.optimizer = optimizer
         self.dvae_sha256 = file_sha256(dvae_path)
         self.lr_halvings, self._best_val, self._bad_validations = 0, float("inf"), 0

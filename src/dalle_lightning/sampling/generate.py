@@ -11,16 +11,18 @@ Shape legend: B captions x images per caption, T text_seq_len, N = h * w image t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from dalle_lightning.config import require_float, require_int
+from dalle_lightning.config import ConfigError, require_float, require_int
 from dalle_lightning.models.image_tokenizer import ImageTokenizer
 from dalle_lightning.models.transformer import PriorTransformer
 from dalle_lightning.text.tokenizer import BPETokenizer
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": None, "cond_scale": 1.0}
 
 
 class Samples(NamedTuple):
@@ -61,6 +63,28 @@ def check_sampling(
         require_int("top_k", top_k, 1)
     if top_p is not None:
         require_float("top_p", top_p, 1e-6, 1.0)
+
+
+def resolve_sampling(requested: Mapping, trained: Mapping, guidance_trained: bool) -> dict:
+    """The settings to sample with: each field of `requested` left None takes the value the
+    checkpoint was trained with (`trained`: its model.sampling), the rest as given.
+
+    cond_scale != 1 needs a prior that saw blank captions in training (caption_dropout > 0);
+    otherwise its blank-caption logits are meaningless and guidance silently ruins samples.
+    """
+    resolved = {
+        key: requested.get(key) if requested.get(key) is not None else trained.get(key, default)
+        for key, default in SAMPLING_DEFAULTS.items()
+    }
+    check_sampling(**resolved)
+    if resolved["cond_scale"] != 1.0 and not guidance_trained:
+        raise ConfigError(
+            "cond_scale",
+            resolved["cond_scale"],
+            "1 for this checkpoint: it was trained with model.caption_dropout=0, so it never "
+            "saw a blank caption (train with model.caption_dropout=0.1 to use guidance)",
+        )
+    return resolved
 
 
 @torch.inference_mode()
