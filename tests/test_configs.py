@@ -177,6 +177,8 @@ def test_paper_dalle_has_the_paper_sizes_and_builds_on_meta(make_cfg):
     assert (net.depth, net.heads, net.dim // net.heads, net.attention) == (64, 62, 64, "sparse")
     assert tuple(cfg.model.optimizer.betas) == (0.9, 0.96) and cfg.model.grad_clip_norm == 4.0
     assert cfg.model.anneal_fraction == 0  # halvings on plateaus only, as in the paper
+    assert cfg.model.caption_dropout == 0 and cfg.model.sampling.cond_scale == 1  # no guidance
+    assert (cfg.model.sampling.temperature, cfg.model.sampling.top_p) == (1.0, None)
     with torch.device("meta"):  # grid and codes from the paper dVAE's config, as in training
         dvae = DVAE(DVAEConfig(**make_cfg(["experiment=paper_dvae"]).model.net))
         prior = PriorTransformer(

@@ -140,6 +140,9 @@ def test_training_checkpoint_rebuilds_dalle_and_generates(make_cfg, tiny_dvae, t
     assert len((tmp_path / "samples" / "captions.txt").read_text().splitlines()) == 2
 
     model = DALLE.from_checkpoint(ckpt)
+    # model=dalle's sampling settings and caption dropout travel with the checkpoint
+    assert model.sampling == {"temperature": 0.5, "top_k": None, "top_p": 0.9, "cond_scale": 1.5}
+    assert model.caption_dropout == cfg.model.caption_dropout == 0.1
     images = model.generate(["a red circle on the left"], num_images=3, seed=1)
     assert images.shape == (3, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     assert torch.equal(images, model.generate(["a red circle on the left"], 3, seed=1))
@@ -159,19 +162,28 @@ def test_training_checkpoint_rebuilds_dalle_and_generates(make_cfg, tiny_dvae, t
     pngs = [Path(g["png"]) for g in result["generated"]]
     assert [p.name for p in pngs] == ["000_a_red_circle_on_the_left.png", "001_a_blue_square.png"]
     assert all(p.is_file() for p in pngs)
-    assert json.loads((gen_dir / "metrics.json").read_text())["generated"][1]["prompt"] == (
-        "a blue square"
-    )
+    gen_metrics = json.loads((gen_dir / "metrics.json").read_text())
+    assert gen_metrics["generated"][1]["prompt"] == "a blue square"
+    # evaluate.yaml leaves sampling null: the checkpoint's settings were used and recorded
+    assert gen_metrics["sampling"] == {**model.sampling, "batch_size": 64}
 
     # attribute accuracy: real images are the checker's reference (100%); a random dVAE and
     # an untrained prior draw nothing recognisable
     acc_dir = tmp_path / "acc"
     acfg = make_cfg(
-        ["task=attributes", f"ckpt_path={ckpt}", "num_captions=6", "dataset.image_size=32"],
+        [
+            "task=attributes",
+            f"ckpt_path={ckpt}",
+            "num_captions=6",
+            "dataset.image_size=32",
+            "sampling.cond_scale=1",  # given values win over the checkpoint's
+        ],
         config_name="evaluate",
     )
     acfg.paths.output_dir = str(acc_dir)
-    result = evaluate(acfg)["attributes"]
+    summary = evaluate(acfg)
+    assert summary["sampling"]["cond_scale"] == 1 and summary["sampling"]["temperature"] == 0.5
+    result = summary["attributes"]
     for name in ("seen", "heldout"):
         assert result[name]["real"]["accuracy"] == 1.0
         assert result[name]["generated"]["accuracy"] < 0.5
