@@ -20,6 +20,7 @@ GROUPS = [
     "logger",
     "trainer",
     "schedule",
+    "data_mix",
     "paths",
     "hydra",
     "debug",
@@ -43,6 +44,7 @@ def test_train_defaults_list_has_the_documented_groups():
         "logger: default",
         "trainer: default",
         "optional schedule: ${model}",
+        "optional data_mix: ${model}_${dataset}",
         "paths: default",
         "hydra: default",
         "experiment: null",
@@ -163,6 +165,23 @@ def test_shapes_dalle_experiment_is_model_dalle(make_cfg):
 def test_each_stage_has_its_own_step_budget(make_cfg, overrides, steps, batch):
     cfg = make_cfg(overrides)
     assert (cfg.trainer.max_steps, cfg.dataset.batch_size) == (steps, batch)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "two_object_prob"),
+    [
+        (["model=dalle"], 0.7),  # data_mix/dalle_shapes.yaml
+        (["model=dvae"], 0.5),  # no data_mix/dvae_shapes.yaml: the dataset's own
+        (["model=dalle", "dataset.two_object_prob=0.3"], 0.3),  # the command line wins
+        (["model=dalle", "dataset=coco"], None),  # shapes only: COCO has no such field
+    ],
+)
+def test_the_prior_trains_on_more_two_object_shapes(make_cfg, overrides, two_object_prob):
+    assert make_cfg(overrides).dataset.get("two_object_prob") == two_object_prob
+
+
+def test_evaluation_scores_on_the_shapes_own_mix(make_cfg):
+    assert make_cfg([], config_name="evaluate").dataset.two_object_prob == 0.5
 
 
 def test_dvae_tau_anneals_over_its_step_budget(make_cfg):
