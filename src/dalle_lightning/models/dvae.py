@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from dalle_lightning.checkpoint_file import read_checkpoint
 from dalle_lightning.config import ConfigError, require, require_int
+from dalle_lightning.models.fp32 import in_fp32
 
 LOGIT_LAPLACE_EPS = 0.1  # paper sec. A.3
 
@@ -168,7 +169,7 @@ class Encoder(nn.Module):
         self.blocks = nn.Sequential(layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(x)
+        return in_fp32(self.blocks.output, self.blocks[:-1](x))  # code logits in fp32
 
 
 class Decoder(nn.Module):
@@ -190,7 +191,7 @@ class Decoder(nn.Module):
         self.blocks = nn.Sequential(layers)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.blocks(z)
+        return self.blocks[1:](in_fp32(self.blocks.input, z))  # reads the codes in fp32
 
 
 class DVAE(nn.Module):

@@ -6,7 +6,7 @@ arithmetic. oneDNN can reorder a weight once into its own blocked layout (what t
 does to frozen CPU weights), which makes these products ~1.6x faster on the 2-core benchmark
 machine (17 linears of the default benchmark prior: 0.64-0.75 ms instead of 1.06-1.14 ms per
 step); GELU is fused into the first MLP layer. Elsewhere (GPU, no oneDNN, not fp32, autograd
-on) `PackedLinear` is plain `F.linear` (+ `F.gelu`).
+on, inputs not fp32 as under autocast) `PackedLinear` is plain `F.linear` (+ `F.gelu`).
 
 The packed weights are a copy taken at packing time: pack again after the weights change
 (`PriorTransformer.prefill` packs once per generation).
@@ -44,7 +44,7 @@ class PackedLinear:
                 self.packed = None
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.packed is not None and not torch.is_grad_enabled():
+        if self.packed is not None and x.dtype == torch.float32 and not torch.is_grad_enabled():
             attr = "gelu" if self.gelu else "none"
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], "none")
         out = F.linear(x, self.weight, self.bias)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle_lightning.config import require, require_choice, require_float, require_int
+from dalle_lightning.models.fp32 import in_fp32
 from dalle_lightning.models.masks import (
     SCHEDULES,
     attention_mask,
@@ -239,7 +240,9 @@ class PriorTransformer(nn.Module):
         T = self.config.text_seq_len
         x = torch.cat([self.embed_text(text), self.embed_image(self.image_inputs(codes), 0)], 1)
         h = self.hidden(x)
-        return PriorOutput(self.to_text_logits(h[:, :T]), self.to_image_logits(h[:, T:]))
+        return PriorOutput(
+            in_fp32(self.to_text_logits, h[:, :T]), in_fp32(self.to_image_logits, h[:, T:])
+        )
 
     # generation with a key/value cache -----------------------------------------------------
     def new_cache(self, batch: int) -> KVCache:
@@ -262,7 +265,7 @@ class PriorTransformer(nn.Module):
         cache.image_head = PackedLinear(self.to_image_logits, rows)
         soi = torch.full_like(text[:, :1], self.start_of_image)
         x = torch.cat([self.embed_text(text), self.embed_image(soi, 0)], dim=1)
-        return self.to_image_logits(self.hidden(x, cache)[:, -1])
+        return in_fp32(self.to_image_logits, self.hidden(x, cache)[:, -1])
 
     def step(self, code: Tensor, cache: KVCache) -> Tensor:
         """Feed code p - 1 (B,) into image slot p; logits of code p: (B, image_vocab).
@@ -289,7 +292,7 @@ class PriorTransformer(nn.Module):
             x = x + proj(out.view(B, D))
             x = x + mlp_out(mlp_in(F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)))
         cache.length += 1
-        return cache.image_head(F.layer_norm(x, (D,), self.norm.weight, self.norm.bias))
+        return in_fp32(cache.image_head, F.layer_norm(x, (D,), self.norm.weight, self.norm.bias))
 
     def _step_attention(self, q: Tensor, cache: KVCache, layer: int, pattern: str) -> Tensor:
         """Queries (B * H, 1, E) of slot `cache.length` against the cached keys and values that
