@@ -10,18 +10,19 @@ from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 
 
-def _record_dtypes(modules: dict) -> tuple[dict, list]:
-    seen, handles = {}, []
+def _record_dtypes(modules: dict) -> dict:
+    """name -> dtype of that module's output, filled in by forward hooks as the model runs."""
+    seen = {}
     for name, module in modules.items():
         hook = (lambda n: lambda _m, _i, out: seen.__setitem__(n, out.dtype))(name)
-        handles.append(module.register_forward_hook(hook))
-    return seen, handles
+        module.register_forward_hook(hook)
+    return seen
 
 
 def test_dvae_code_logits_and_decoder_input_run_in_fp32_under_autocast():
     torch.manual_seed(0)
     dvae = DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))
-    seen, _ = _record_dtypes(
+    seen = _record_dtypes(
         {
             "encoder logits conv": dvae.encoder.blocks.output.conv,
             "encoder first conv": dvae.encoder.blocks.input,
@@ -47,7 +48,7 @@ def test_prior_logits_are_fp32_under_autocast_in_training_and_cached_sampling():
         text_vocab=40, text_seq_len=6, image_vocab=24, grid_size=4, dim=32, depth=2, heads=4
     )
     prior = PriorTransformer(config).eval()
-    seen, _ = _record_dtypes({"qkv": prior.blocks[0].attention.qkv})
+    seen = _record_dtypes({"qkv": prior.blocks[0].attention.qkv})
     text = torch.randint(0, 40, (2, 6))
     codes = torch.randint(0, 24, (2, 16))
     with torch.autocast("cpu", dtype=torch.float16):

@@ -101,8 +101,7 @@ def attribute_accuracy(cfg: DictConfig, model: DALLE, ckpt_path: str) -> dict:
             100 * results[name]["real"]["accuracy"],
         )
     summary = run_header(cfg, time.time() - started)
-    summary.update(checkpoints={"evaluated": str(ckpt_path)}, sampling=sampling)
-    summary["attributes"] = results
+    summary.update(checkpoints={"evaluated": str(ckpt_path)}, sampling=sampling, attributes=results)
     summary["metrics"] = {
         f"{name}/{kind}_accuracy": results[name][kind]["accuracy"]
         for name in SPLITS
