@@ -304,8 +304,8 @@ def test_ddp_on_two_cpu_processes_writes_a_checkpoint_that_generates(tiny_dvae, 
     assert summary["metrics"]["val/loss"] is not None
     raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert raw["global_step"] == 4
-    # rank 0 learns the BPE before Lightning launches rank 1 (train() sets the data up before
-    # fit), which loads that file: two ranks learning their own could break ties differently
+    # rank 0 learns the BPE (TokenDataModule.prepare_data) while rank 1 waits, then loads it:
+    # two ranks learning their own could break ties differently
     logs = "".join(f.read_text() for f in run.glob("*.log"))
     assert logs.count("BPE tokenizer: ") == 2 and logs.count(" ids learned ") == 1, logs
     model = DALLE.from_checkpoint(run / "checkpoints" / "last.ckpt")  # one device, no DDP

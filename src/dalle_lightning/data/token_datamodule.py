@@ -73,6 +73,14 @@ class TokenDataModule(LightningDataModule):
         self.tokenizer = tokenizer
         self.tokens: dict[str, dict] = {}
         self._truncation_reported = False
+        self.prepare_data_per_node = False  # the cache sits in the shared logs/: one writer
+
+    def prepare_data(self) -> None:
+        """Lightning runs this in the global rank 0 alone while the other ranks wait, then
+        `setup` in every rank: the train codes and the BPE are written once and every rank
+        loads the same files. Ranks learning their own BPE at once could break ties
+        differently and disagree on the ids."""
+        self.setup()
 
     def split_tokens(self, split: str) -> dict:
         source = self.images.source(split)  # splits with one source share one cache
