@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.resume import register_resolvers
 
 register_resolvers()
@@ -53,3 +55,13 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
         timeout=timeout,
         env=env,
     )
+
+
+@pytest.fixture
+def tiny_dvae(tmp_path) -> Path:
+    """A randomly initialised dVAE: 32 px -> 8 x 8 codes from 32 (its codes mean nothing)."""
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))
+    path = tmp_path / "dvae.pt"
+    torch.save(dvae.export(), path)
+    return path

@@ -25,6 +25,8 @@ GROUPS = [
     "hydra",
     "debug",
     "experiment",
+    "hparams_search",
+    "launcher",
 ]
 
 
@@ -49,6 +51,7 @@ def test_train_defaults_list_has_the_documented_groups():
         "hydra: default",
         "experiment: null",
         "hparams_search: null",
+        "launcher: null",
         "debug: null",
     ]:
         assert f"- {entry}" in text, entry

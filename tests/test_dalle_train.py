@@ -14,7 +14,7 @@ from dalle_lightning.data.token_cache import file_sha256
 from dalle_lightning.data.token_datamodule import TokenDataModule
 from dalle_lightning.evaluating import evaluate
 from dalle_lightning.models.dalle import DALLE
-from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.modules.dalle_module import DalleModule, resolve_dvae_ckpt
 from dalle_lightning.training import train
 from tests.conftest import run_script
@@ -36,16 +36,6 @@ NET = [
     "model.text.text_seq_len=16",
     "model.num_sample_captions=2",
 ]
-
-
-@pytest.fixture
-def tiny_dvae(tmp_path) -> Path:
-    """A randomly initialised dVAE: 32 px -> 8 x 8 codes from 32 (its codes mean nothing)."""
-    torch.manual_seed(0)
-    dvae = DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))
-    path = tmp_path / "dvae.pt"
-    torch.save(dvae.export(), path)
-    return path
 
 
 def shapes(n: int = 24) -> ShapesDataModule:
