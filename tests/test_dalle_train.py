@@ -273,27 +273,46 @@ def test_truncation_is_reported_once_per_run(tiny_dvae, tmp_path, caplog):
     assert len(warnings) == 1
 
 
-def test_ddp_on_two_cpu_processes_writes_a_checkpoint_that_generates(tiny_dvae, tmp_path):
-    """trainer=ddp: two processes (gloo) train the prior together; rank 0 writes the run."""
-    result = run_script(
-        "train.py",
+def test_ddp_on_two_cpu_processes_matches_one_process_and_its_checkpoint_generates(
+    tiny_dvae, tmp_path
+):
+    """trainer=ddp: two processes (gloo) with batch 2 each train the prior as one process with
+    batch 4 does (same global batches, averaged gradients); rank 0 writes the run, and its
+    checkpoint loads on one device."""
+    same = [  # no per-rank randomness: BPE-dropout, caption dropout (and so no guidance)
         "model=dalle",
-        "trainer=ddp",
-        "trainer.devices=2",
+        "model.text.bpe_dropout=0",
+        "model.caption_dropout=0",
+        "model.sampling.cond_scale=1",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "logger=csv",
+        "test=false",
         f"model.dvae_ckpt={tiny_dvae}",
-        f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
         *DATA,
         *NET,
+    ]
+    ddp = run_script(
+        "train.py", *same, "trainer=ddp", "trainer.devices=2", f"paths.log_dir={tmp_path / 'ddp'}"
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    (run,) = (tmp_path / "train_dalle" / "runs").iterdir()
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    # DATA's batch_size=4 per device x 2 devices, in one process
+    one = run_script("train.py", *same, "dataset.batch_size=8", f"paths.log_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    (run,) = (tmp_path / "ddp" / "train_dalle" / "runs").iterdir()
+    (single,) = (tmp_path / "one" / "train_dalle" / "runs").iterdir()
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["metrics"]["val/loss"] is not None
+    expected = json.loads((single / "metrics.json").read_text())
+    assert summary["metrics"]["val/loss"] == pytest.approx(expected["metrics"]["val/loss"], 1e-5)
     raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert raw["global_step"] == 4
+    ref = torch.load(single / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert raw["global_step"] == ref["global_step"] == 4
+    moved = 0
+    for key, value in ref["state_dict"].items():
+        torch.testing.assert_close(raw["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        moved += not key.startswith("model.dvae")
+    assert moved > 10
     # rank 0 learns the BPE (TokenDataModule.prepare_data) while rank 1 waits, then loads it:
     # two ranks learning their own could break ties differently
     logs = "".join(f.read_text() for f in run.glob("*.log"))

@@ -150,6 +150,22 @@ def test_sampler_order_depends_on_seed_and_epoch_only_and_skips_done_batches():
     assert loader.sampler.epoch == 3 and loader.sampler.skip == 0
 
 
+def test_ranks_share_one_order_a_global_batch_at_a_time_and_skip_their_own_done_batches():
+    """DDP: rank r takes every world_size-th draw of the single-process order, so step k's
+    batches over all ranks are the single process's batch k with a world_size x larger batch."""
+    one = list(ResumableSampler(11, seed=5))
+    ranks = [list(ResumableSampler(11, seed=5, rank=r, world_size=2)) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [5, 5]  # the 11th draw is left out, as drop_last would
+    for step in range(2):  # per-rank batch 2, global batch 4
+        shares = ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2]
+        assert sorted(shares) == sorted(one[4 * step : 4 * step + 4])
+    resumed = ResumableSampler(11, seed=5, rank=1, world_size=2)
+    resumed.skip = 2  # one batch of 2 done on this rank
+    assert list(resumed) == ranks[1][2:]
+    with pytest.raises(ValueError, match="rank=2 with world_size=2"):
+        ResumableSampler(11, seed=5, rank=2, world_size=2)
+
+
 def test_seeded_draws_repeat_their_randomness_and_leave_the_global_generator_alone():
     class Noisy:
         def __len__(self):

@@ -7,6 +7,7 @@ starts, naming the field as the user types it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import hydra
@@ -22,6 +23,7 @@ from dalle_lightning.config import (
     require_int,
 )
 
+log = logging.getLogger(__name__)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
@@ -157,3 +159,17 @@ def check_trainer(cfg: DictConfig) -> None:
         vci,
         "an integer number of steps >= 1 or a fraction of an epoch in (0, 1]",
     )
+    strategy = t.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else ""
+    if target.endswith("FSDPStrategy") or strategy == "fsdp":
+        require(
+            accelerator in ("gpu", "cuda"),
+            "trainer.accelerator",
+            accelerator,
+            "gpu: Lightning's FSDPStrategy runs on CUDA devices only (on CPU: trainer=ddp)",
+        )
+    if isinstance(strategy, DictConfig) and strategy.get("ddp_comm_hook") and accelerator == "cpu":
+        log.warning(
+            "trainer.strategy.ddp_comm_hook is set, but Lightning registers DDP communication "
+            "hooks on CUDA devices only: on CPU the gradients are all-reduced uncompressed"
+        )

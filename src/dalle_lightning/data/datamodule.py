@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dalle_lightning.config import require_int
 from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws, run_seed
@@ -80,12 +80,19 @@ class ImageTextDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_fn,
         )
-        if not train:
-            return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **common)
+        trainer = getattr(owner or self, "trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if not train:  # sharded as Lightning would (padded with repeats to equal shares)
+            sampler = (
+                DistributedSampler(dataset, world_size, rank, shuffle=False)
+                if world_size > 1
+                else None
+            )
+            return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **common)
         seed = run_seed()
         return ResumableLoader(
             SeededDraws(dataset, seed),
-            sampler=ResumableSampler(len(dataset), seed),
+            sampler=ResumableSampler(len(dataset), seed, rank=rank, world_size=world_size),
             progress=partial(batches_trained, owner or self),
             batch_size=self.batch_size,
             drop_last=True,

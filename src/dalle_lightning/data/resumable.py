@@ -2,6 +2,9 @@
 
 - `ResumableSampler` yields *draws*, `epoch * n + index`, in an order that depends only on
   (seed, epoch); after `load_state_dict` it skips the samples of the batches already trained.
+  Under DDP/FSDP it shards that order itself (rank r takes every world_size-th draw, the
+  trainer runs with `use_distributed_sampler: false`): the global batch of step k is the one a
+  single process with a world_size times larger batch takes, and resuming works per rank.
 - `SeededDraws` wraps a dataset: a draw is mapped back to its index and the item is built under
   the torch generator seeded by (seed, draw), restored afterwards. Random crops and caption
   choices thus depend only on (seed, epoch, index) in the main process and in any worker, and
@@ -34,16 +37,21 @@ def derived_seed(*keys: int) -> int:
 
 
 class ResumableSampler(Sampler[int]):
-    def __init__(self, length: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self, length: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} with world_size={world_size}: 0 <= rank < world_size")
         self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skip = 0  # samples to skip at the start of the next iteration (once)
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls it at every epoch start
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return self.length
+    def __len__(self) -> int:  # per rank; the last length % world_size draws are left out
+        return self.length // self.world_size
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -51,6 +59,7 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.length, generator=generator)
         else:
             order = torch.arange(self.length)
+        order = order[self.rank : len(self) * self.world_size : self.world_size]
         skip, self.skip = self.skip, 0
         offset = self.epoch * self.length
         return iter((order[skip:] + offset).tolist())

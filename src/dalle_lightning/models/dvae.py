@@ -137,9 +137,14 @@ class ResBlock(nn.Module):
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
+class ResBlockGroup(nn.Sequential):
+    """One resolution of the encoder or decoder: its resblocks, then the pooling/upsampling.
+    Its own class so that FSDP can wrap and checkpoint it as a unit (conf/trainer/fsdp.yaml)."""
+
+
 def _group(
     n_in: int, n_out: int, cfg: DVAEConfig, kernels: tuple, resample: nn.Module | None
-) -> nn.Sequential:
+) -> ResBlockGroup:
     """`n_blk_per_group` resblocks (the first one changes the width), then the resampling."""
     layers = OrderedDict(
         (f"block_{i + 1}", ResBlock(n_in if i == 0 else n_out, n_out, cfg.n_layers, kernels))
@@ -147,7 +152,7 @@ def _group(
     )
     if resample is not None:
         layers["pool" if isinstance(resample, nn.MaxPool2d) else "upsample"] = resample
-    return nn.Sequential(layers)
+    return ResBlockGroup(layers)
 
 
 class Encoder(nn.Module):
