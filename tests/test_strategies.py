@@ -29,6 +29,7 @@ from dalle_lightning.models.dvae import DVAE, DVAEConfig, ResBlockGroup
 from dalle_lightning.models.transformer import Block, PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
 from tests.conftest import CONF_DIR
+from tests.test_dalle_train import tiny_module
 
 PRIOR = dict(text_vocab=64, text_seq_len=8, image_vocab=32, grid_size=4, dim=32, depth=3, heads=2)
 
@@ -135,3 +136,19 @@ def test_fsdp_policy_shards_the_prior_and_trains_it_as_one_process_does(tmp_path
     assert set(result["state"]) == set(expected)  # a full state dict loads without FSDP
     for key, value in expected.items():
         torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_compile_switch_compiles_the_prior_in_place_with_the_same_logits(tiny_dvae):
+    eager = tiny_module(tiny_dvae)
+    compiled = tiny_module(tiny_dvae, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.configure_model()  # what Lightning calls before fitting
+    assert compiled.model.prior._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints unchanged
+    grid, config = eager.model.dvae.grid_size, eager.model.prior.config
+    text = torch.randint(0, config.text_vocab, (2, config.text_seq_len))
+    codes = torch.randint(0, config.image_vocab, (2, grid * grid))
+    for a, b in zip(compiled.model.prior(text, codes), eager.model.prior(text, codes), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="compile='yes'"):
+        tiny_module(tiny_dvae, compile="yes")

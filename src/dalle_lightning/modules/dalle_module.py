@@ -96,6 +96,7 @@ class DalleModule(LightningModule):
         grad_clip_norm: float | None = 4.0,
         num_sample_captions: int = 8,
         sampling: dict | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         text = _fields("text", text, TEXT_FIELDS)
@@ -113,6 +114,7 @@ class DalleModule(LightningModule):
         if grad_clip_norm is not None:
             require_float("grad_clip_norm", grad_clip_norm, 1e-12)
         require_int("num_sample_captions", num_sample_captions, 0)
+        require(isinstance(compile, bool), "compile", compile, "true or false")
         try:  # also refuses guidance (cond_scale != 1) without caption dropout
             resolve_sampling(sampling, {}, guidance_trained=caption_dropout > 0)
         except ConfigError as err:
@@ -147,6 +149,10 @@ class DalleModule(LightningModule):
         self.lr_halvings, self._best_val, self._bad_validations = 0, float("inf"), 0
         self._sample_captions: list[str] = []
         self._val_total = torch.zeros(2)
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:  # the teacher-forced forward; sampling runs eagerly
+            self.model.prior.compile()  # in place: the state dict keeps its keys
 
     # data ----------------------------------------------------------------------------------
     def token_datamodule(self, images: ImageTextDataModule) -> TokenDataModule:

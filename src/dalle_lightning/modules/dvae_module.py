@@ -31,7 +31,13 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio
 from torchvision.utils import make_grid, save_image
 
-from dalle_lightning.config import ConfigError, require_choice, require_float, require_int
+from dalle_lightning.config import (
+    ConfigError,
+    require,
+    require_choice,
+    require_float,
+    require_int,
+)
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.modules.losses import (
     code_usage_kl,
@@ -75,8 +81,10 @@ class DVAEModule(LightningModule):
         mse_sigma: float = 0.1,
         num_logged_images: int = 8,
         channels_last: bool = True,
+        compile: bool = False,
     ):
         super().__init__()
+        require(isinstance(compile, bool), "compile", compile, "true or false")
         require_float("beta", beta, 0.0)
         require_float("usage_weight", usage_weight, 0.0)
         require_int("kl_warmup_steps", kl_warmup_steps, 0)
@@ -108,6 +116,9 @@ class DVAEModule(LightningModule):
     def configure_model(self) -> None:
         if self.hparams.channels_last:  # ~1.6x faster convolutions on CPU (oneDNN), also on GPU
             self.net.to(memory_format=torch.channels_last)
+        if self.hparams.compile:  # in place: the state dict keeps its keys; tau stays outside
+            self.net.encoder.compile()
+            self.net.decoder.compile()
 
     def _images(self, batch: dict) -> Tensor:
         images = batch["image"]
