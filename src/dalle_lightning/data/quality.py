@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -58,10 +59,19 @@ def load_rgb(
         raise BadImage("missing", path)
     if path.stat().st_size == 0:
         raise BadImage("empty_file", path)
+    return decode_rgb(path, path, max_pixels, draft)
+
+
+def decode_rgb(
+    file: Path | BinaryIO, name: Path, max_pixels: int, draft: int | None = None
+) -> tuple[Image.Image, str | None]:
+    """`load_rgb` for an open file or a path (a shard member is a file object): decodes with
+    the same checks; `name` is what an error names."""
+    path = name
     try:
         with warnings.catch_warnings():  # the size check below replaces PIL's bomb warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(file)
     except Image.DecompressionBombError as err:
         raise BadImage("too_large", path, str(err)) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:

@@ -81,7 +81,8 @@ def load_or_encode(
     if path.is_file():
         log.info("token cache: %s (%s)", path, split)
         return torch.load(path, weights_only=True)
-    log.info("token cache: encoding %d %s images with the dVAE -> %s", len(dataset), split, path)
+    size = len(dataset) if hasattr(dataset, "__len__") else "all"  # a stream has no length
+    log.info("token cache: encoding %s %s images with the dVAE -> %s", size, split, path)
     tokens = encode_dataset(dvae, dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".tmp{os.getpid()}")

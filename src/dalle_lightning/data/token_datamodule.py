@@ -84,7 +84,10 @@ class TokenDataModule(LightningDataModule):
 
     def split_tokens(self, split: str) -> dict:
         source = self.images.source(split)  # splits with one source share one cache
-        if source not in self.tokens:
+        pre_encoded = getattr(self.images, "pre_encoded", None)  # token shards (shards.py)
+        if source not in self.tokens and pre_encoded is not None:
+            self.tokens[source] = pre_encoded(source, self.dvae_sha256)  # None: not given
+        if self.tokens.get(source) is None:
             self.images.setup()
             self.tokens[source] = load_or_encode(
                 self.dvae,
