@@ -44,12 +44,14 @@ def make_cfg(tmp_path):
     GlobalHydra.instance().clear()
 
 
-def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python <script> args...` from the repository root, as a user would."""
+def run_script(
+    script: str, *args: str, timeout: int = 300, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    """Run `python <script> args...` from the repository root (or `cwd`), as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, script, *args],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -69,12 +69,12 @@ def test_optuna_search_on_the_prior_runs_two_trials_and_reports_the_best(tiny_dv
         "trainer.val_check_interval=2",
         "logger=none",
         f"model.dvae_ckpt={tiny_dvae}",
-        f"paths.log_dir={tmp_path}",
         *DATA,
         *NET,
+        cwd=tmp_path,  # logs/ under the launch directory: the sweep dir resolves before the jobs
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (sweep,) = (tmp_path / "train_dalle" / "multiruns").iterdir()
+    (sweep,) = (tmp_path / "logs" / "train_dalle" / "multiruns").iterdir()
     optuna = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert [j["job"] for j in summary["jobs"]] == ["0", "1"] and summary["missing"] == []
@@ -121,11 +121,11 @@ def test_local_launcher_runs_jobs_in_subprocesses_and_summarizes(tmp_path):
         "-m",
         "launcher=local",
         "model.net.n_hid=8,16",
-        f"paths.log_dir={tmp_path}",
         *DVAE_TINY,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (sweep,) = (tmp_path / "train_dvae" / "multiruns").iterdir()
+    (sweep,) = (tmp_path / "logs" / "train_dvae" / "multiruns").iterdir()
     assert list((sweep / ".submitit").glob("*/*_log.out"))  # ran through submitit
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert [j["job"] for j in summary["jobs"]] == ["0", "1"]

@@ -25,9 +25,11 @@ from dalle_lightning.evaluation.attribute_accuracy import attribute_accuracy
 from dalle_lightning.evaluation.rerank_metrics import evaluate_metrics
 from dalle_lightning.generating import generate, load_dalle
 from dalle_lightning.instantiate import build, build_all, check_run, check_trainer
+from dalle_lightning.resume import register_resolvers
 from dalle_lightning.run_summary import collect_metrics, write_metrics
 
 log = logging.getLogger(__name__)
+register_resolvers()  # the configs' resolvers, also in a launcher's job processes
 
 TASKS = ("metrics", "generate", "attributes", "reconstruction")
 SPLITS = ("train", "val", "test", "heldout")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
@@ -48,6 +49,10 @@ def run_id(output_dir: str) -> str:
 
 
 def register_resolvers() -> None:
+    """The resolvers conf/ names. `dalle_cwd` is the launch directory (Hydra's runtime.cwd,
+    as jobs do not chdir) without needing Hydra's runtime config: a -m sweep resolves its
+    sweep dir, which sits under paths.log_dir, before that config exists."""
+    OmegaConf.register_new_resolver("dalle_cwd", os.getcwd, replace=True)
     OmegaConf.register_new_resolver("dalle_run_dir", run_dir, replace=True)
     OmegaConf.register_new_resolver("dalle_run_id", run_id, replace=True)
 

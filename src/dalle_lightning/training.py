@@ -24,10 +24,16 @@ from dalle_lightning.instantiate import (
     check_trainer,
 )
 from dalle_lightning.modules.dalle_module import DalleModule
-from dalle_lightning.resume import continue_csv_logs, resume_checkpoint, resumed_logger_config
+from dalle_lightning.resume import (
+    continue_csv_logs,
+    register_resolvers,
+    resume_checkpoint,
+    resumed_logger_config,
+)
 from dalle_lightning.run_summary import collect_metrics, write_metrics
 
 log = logging.getLogger(__name__)
+register_resolvers()  # the configs' resolvers, also in a launcher's job processes
 
 
 def train(cfg: DictConfig) -> tuple[float | None, dict]:
