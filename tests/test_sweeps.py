@@ -13,20 +13,9 @@ from omegaconf import OmegaConf
 from dalle_lightning.sweep_summary import summarize_sweep
 from tests.conftest import run_script
 from tests.test_dalle_train import DATA, NET
+from tests.test_train import TINY
 
-DVAE_TINY = [
-    "model=dvae",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "dataset.num_val=8",
-    "dataset.num_test=8",
-    "dataset.batch_size=4",
-    "dataset.image_size=32",
-    "callbacks=none",
-    "logger=none",
-]
+DVAE_TINY = ["model=dvae", "trainer.max_steps=4", "callbacks=none", "logger=none", *TINY]
 
 SEARCHES = [("shapes_dvae_optuna", "DVAEModule"), ("shapes_dalle_optuna", "DalleModule")]
 
@@ -120,8 +109,8 @@ def test_local_launcher_runs_jobs_in_subprocesses_and_summarizes(tmp_path):
         "train.py",
         "-m",
         "launcher=local",
-        "model.net.n_hid=8,16",
         *DVAE_TINY,
+        "model.net.n_hid=8,16",  # after TINY's n_hid=8
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
