@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,6 +58,20 @@ def test_shards_read_back_every_sample_once_across_two_workers(shards):
     # the pixels survive the PNG round trip exactly (eval transform at the same size)
     first = next(iter(web.stream("train")))
     torch.testing.assert_close(first["image"], expected[0]["image"], atol=1 / 255, rtol=0)
+
+
+def test_ranks_read_disjoint_shards_that_cover_the_split(shards):
+    keys = []
+    for rank in (0, 1):  # what each DDP rank's val loader reads
+        web = _web(shards[0], num_workers=2)
+        web.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        keys.append([k for batch in web.val_dataloader() for k in batch["key"]])
+    web.trainer = None
+    assert keys[0] and keys[1] and not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == [f"{i:09d}" for i in range(8)]  # val: 2 shards
+    # the token cache reads a whole split whatever the rank
+    web.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    assert len([item["key"] for item in web.cache_dataset("val")]) == 8
 
 
 def test_training_stream_shuffles_and_its_epoch_is_train_size_over_the_batch(shards):

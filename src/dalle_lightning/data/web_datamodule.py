@@ -62,8 +62,15 @@ class _Decode:
         return {**item, "key": sample["__key__"]}
 
 
-def _every_shard(urls):
-    yield from urls
+class _RankShards:
+    """Rank `rank` of `world` reads every world-th shard (webdataset's nodesplitter); the
+    trainer's ranks, not environment variables, decide (srun sets no RANK)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def __call__(self, urls):
+        yield from list(urls)[self.rank :: self.world]
 
 
 class WebDataModule(ImageTextDataModule):
@@ -142,16 +149,16 @@ class WebDataModule(ImageTextDataModule):
         require(bool(urls), f"dataset.{split}", urls, "at least one shard")
         transform = TRANSFORMS[self.train_transform] if train else EvalTransform
         decode = _Decode(transform(self.image_size), train, self.max_pixels)
+        rank, world = (0, 1) if all_ranks else self._world()
         if not train:
             dataset = wds.WebDataset(
                 urls,
                 shardshuffle=False,
-                nodesplitter=_every_shard if all_ranks else wds.split_by_node,
+                nodesplitter=_RankShards(rank, world),
                 workersplitter=wds.split_by_worker,
                 empty_check=False,
             )
             return dataset.map(decode).select(lambda item: item is not None)
-        rank, world = self._world()
         readers = world * max(1, self.num_workers)
         require(
             len(urls) >= readers,
@@ -164,7 +171,7 @@ class WebDataModule(ImageTextDataModule):
         dataset = wds.WebDataset(
             urls,
             shardshuffle=len(urls),
-            nodesplitter=wds.split_by_node,
+            nodesplitter=_RankShards(rank, world),
             workersplitter=wds.split_by_worker,
             seed=run_seed(),
             empty_check=False,
