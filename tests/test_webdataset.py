@@ -21,7 +21,9 @@ from dalle_lightning.data.token_cache import encode_dataset, file_sha256
 from dalle_lightning.data.web_datamodule import WebDataModule
 from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.training import train
+from tests.conftest import run_script
 from tests.test_dalle_train import NET
+from tests.test_train import TINY
 
 SIZES = {"num_train": 30, "num_val": 8, "num_test": 8}
 
@@ -153,3 +155,26 @@ def test_both_stages_train_on_shards(shards, tiny_dvae, make_cfg, tmp_path):
     assert dvae_summary["global_step"] == 2 and dvae_summary["metrics"]["test/psnr"] > 0
     _, prior = train(make_cfg(["model=dalle", f"model.dvae_ckpt={tiny_dvae}", *common, *NET]))
     assert prior["global_step"] == 2 and prior["metrics"]["test/loss"] > 0
+
+
+def test_ddp_trains_on_shards_with_two_processes(shards, tmp_path):
+    """Two ranks (gloo) stream their own training shards and share val/test by sample: no
+    rank is left without val data (it would hang the epoch-end sync)."""
+    result = run_script(
+        "train.py",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "dataset=webdataset",
+        f"dataset.root={shards[0]}",
+        "dataset.num_workers=1",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "logger=csv",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *[o for o in TINY if not o.startswith(("dataset.num_", "trainer.accelerator"))],
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = (tmp_path / "logs" / "train_dvae" / "runs").iterdir()
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["global_step"] == 4 and summary["metrics"]["test/psnr"] > 0

@@ -8,7 +8,8 @@ them and counts the samples) or from anywhere webdataset reads: brace patterns
   workers (`split_by_worker`), samples mixed in a `shuffle_buffer`; every rank's stream
   repeats, and an epoch is `train_size / global batch` batches, so all ranks take the same
   number of steps. A stream has no mid-epoch resume: a resumed run starts a new pass.
-- val / test: each sample once, in shard order, split the same way (rank, then worker).
+- val / test: each sample once, in shard order; loader workers split the shards, and ranks
+  take every world_size-th sample of what each worker reads (no rank is left empty).
 - stage 2: the token cache encodes the val/test/train streams once, or reads token shards
   that `shards encode` wrote with this dVAE (`token_shards`).
 Unreadable images are skipped with a warning (a stream cannot be audited up front).
@@ -60,6 +61,24 @@ class _Decode:
         k = int(torch.randint(len(captions), ())) if self.random_caption else 0
         item = {"image": self.transform(image), "caption": captions[k], "captions": captions}
         return {**item, "key": sample["__key__"]}
+
+
+def _every_shard(urls):
+    yield from urls
+
+
+class _Nth:
+    """Keeps every `world`-th sample from the `rank`-th on. Evaluation splits samples, not
+    shards: every rank then gets at least one sample and logs the same metrics (a rank with
+    none would leave the others waiting in the epoch-end sync)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def __call__(self, samples):
+        for index, sample in enumerate(samples):
+            if index % self.world == self.rank:
+                yield sample
 
 
 class _RankShards:
@@ -150,15 +169,17 @@ class WebDataModule(ImageTextDataModule):
         transform = TRANSFORMS[self.train_transform] if train else EvalTransform
         decode = _Decode(transform(self.image_size), train, self.max_pixels)
         rank, world = (0, 1) if all_ranks else self._world()
-        if not train:
+        if not train:  # every rank reads every shard and keeps every world-th sample
             dataset = wds.WebDataset(
                 urls,
                 shardshuffle=False,
-                nodesplitter=_RankShards(rank, world),
+                nodesplitter=_every_shard,
                 workersplitter=wds.split_by_worker,
                 empty_check=False,
             )
-            return dataset.map(decode).select(lambda item: item is not None)
+            return (
+                dataset.compose(_Nth(rank, world)).map(decode).select(lambda item: item is not None)
+            )
         readers = world * max(1, self.num_workers)
         require(
             len(urls) >= readers,
