@@ -4,10 +4,12 @@ Shards come from `python -m dalle_lightning.data.shards write` (a manifest per s
 them and counts the samples) or from anywhere webdataset reads: brace patterns
 (`/data/train-{000000..000999}.tar`), `https://...`, `pipe:aws s3 cp s3://... -`.
 
-- training: shards shuffled, split across ranks (`split_by_node`) and then across loader
-  workers (`split_by_worker`), samples mixed in a `shuffle_buffer`; every rank's stream
-  repeats, and an epoch is `train_size / global batch` batches, so all ranks take the same
-  number of steps. A stream has no mid-epoch resume: a resumed run starts a new pass.
+- training: every world_size-th shard per rank (the trainer's rank), split again across
+  loader workers (`split_by_worker`), shard order shuffled, samples mixed in a
+  `shuffle_buffer`; every rank's stream repeats, and an epoch is `train_size / global batch`
+  batches, so all ranks take the same number of steps. Too few shards for ranks x workers
+  fail when fit starts, before the first step. A stream has no mid-epoch resume: a resumed
+  run starts a new pass.
 - val / test: each sample once, in shard order; loader workers split the shards, and ranks
   take every world_size-th sample of what each worker reads (no rank is left empty).
 - stage 2: the token cache encodes the val/test/train streams once, or reads token shards
