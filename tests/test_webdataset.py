@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from dalle_lightning.config import ConfigError
 from dalle_lightning.data.datamodule import ShapesDataModule, collate_image_text
+from dalle_lightning.data.file_datamodules import CocoDataModule
 from dalle_lightning.data.shards import encode_shards, main, write_shards
 from dalle_lightning.data.token_cache import encode_dataset, file_sha256
 from dalle_lightning.data.web_datamodule import WebDataModule
@@ -23,6 +24,7 @@ from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.training import train
 from tests.conftest import run_script
 from tests.test_dalle_train import NET
+from tests.test_file_datasets import COCO_MINI, needs_coco
 from tests.test_train import TINY
 
 SIZES = {"num_train": 30, "num_val": 8, "num_test": 8}
@@ -178,3 +180,26 @@ def test_ddp_trains_on_shards_with_two_processes(shards, tmp_path):
     (run,) = (tmp_path / "logs" / "train_dvae" / "runs").iterdir()
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["global_step"] == 4 and summary["metrics"]["test/psnr"] > 0
+
+
+@needs_coco
+def test_real_coco_shards_keep_the_jpeg_bytes_and_val_and_test_share_shards(tmp_path):
+    coco = CocoDataModule(str(COCO_MINI), image_size=64, num_workers=0, max_bad_fraction=1.0)
+    manifests = write_shards(coco, tmp_path, splits=("val", "test"), maxcount=100)
+    assert manifests["val"]["count"] == 159 and manifests["val"]["report"]["usable"] == 159
+    assert (
+        manifests["test"]["shards"]
+        == manifests["val"]["shards"]
+        == ["val-000000.tar", "val-000001.tar"]
+    )
+    with tarfile.open(tmp_path / "val-000000.tar") as tar:
+        first = tar.extractfile(tar.getmember("000000000.jpg")).read()
+    assert first == coco.items("val")[0].path.read_bytes()  # the original file, not re-encoded
+    web = WebDataModule(
+        root=str(tmp_path),
+        val=None,
+        train=str(tmp_path / "val-000000.tar"),
+        train_size=100,
+        image_size=64,
+    )
+    assert web.source("test") == "val"  # one token cache for both

@@ -102,6 +102,21 @@ def _write(samples, out: Path, split: str, maxcount: int, manifest: dict) -> dic
     return manifest
 
 
+def _per_source(datamodule: ImageTextDataModule, splits, out: Path, write) -> dict[str, dict]:
+    """`write(split, source)` once per source; a split over the same images as an earlier
+    one (COCO's val serves val and test) gets a manifest naming that split's shards."""
+    manifests, by_source = {}, {}
+    for split in splits:
+        source = datamodule.source(split)
+        if source in by_source:
+            manifests[split] = {**by_source[source], "split": split}
+            manifest_path(out, split).write_text(json.dumps(manifests[split], indent=2) + "\n")
+            log.info("%s: the shards of %s (the same images)", split, by_source[source]["split"])
+        else:
+            manifests[split] = by_source[source] = write(split, source)
+    return manifests
+
+
 def write_shards(
     datamodule: ImageTextDataModule,
     out: str | Path,
@@ -111,22 +126,15 @@ def write_shards(
 ) -> dict[str, dict]:
     """Every split of `datamodule` as image shards under `out`; returns the manifests."""
     datamodule.setup()
-    manifests = {}
-    for split in splits:
+
+    def write(split: str, source: str) -> dict:
         raw = _RawSamples(datamodule, split)
         loader = DataLoader(raw, batch_size=None, num_workers=num_workers)
-        manifests[split] = _write(
-            loader,
-            Path(out),
-            split,
-            maxcount,
-            {
-                "kind": "images",
-                "data": datamodule.identity(),
-                "report": datamodule.data_report().get(datamodule.source(split)),
-            },
-        )
-    return manifests
+        report = datamodule.data_report().get(source)
+        info = {"kind": "images", "data": datamodule.identity(), "report": report}
+        return _write(loader, Path(out), split, maxcount, info)
+
+    return _per_source(datamodule, splits, Path(out), write)
 
 
 @torch.inference_mode()
@@ -142,35 +150,30 @@ def encode_shards(
     """The dVAE codes of every split of `datamodule` as token shards under `out`."""
     dvae.eval()
     device = next(dvae.parameters()).device
-    manifests = {}
-    for split in splits:
+
+    def samples(split: str):
         loader = DataLoader(
             datamodule.cache_dataset(split), batch_size=batch_size, collate_fn=collate_image_text
         )
+        index = 0
+        for batch in loader:
+            codes = dvae.encode(batch["image"].to(device)).to(torch.int16).cpu().numpy()
+            options = batch.get("captions") or [[c] for c in batch["caption"]]
+            for grid, captions in zip(codes, options, strict=True):
+                buffer = io.BytesIO()
+                np.save(buffer, grid)
+                yield {
+                    "__key__": f"{index:09d}",
+                    "codes.npy": buffer.getvalue(),
+                    "json": {"captions": list(captions)},
+                }
+                index += 1
 
-        def samples(loader=loader):
-            index = 0
-            for batch in loader:
-                codes = dvae.encode(batch["image"].to(device)).to(torch.int16).cpu().numpy()
-                options = batch.get("captions") or [[c] for c in batch["caption"]]
-                for grid, captions in zip(codes, options, strict=True):
-                    buffer = io.BytesIO()
-                    np.save(buffer, grid)
-                    yield {
-                        "__key__": f"{index:09d}",
-                        "codes.npy": buffer.getvalue(),
-                        "json": {"captions": list(captions)},
-                    }
-                    index += 1
+    def write(split: str, source: str) -> dict:
+        info = {"kind": "tokens", "data": datamodule.identity(), "dvae_sha256": dvae_sha256}
+        return _write(samples(split), Path(out), split, maxcount, info)
 
-        manifests[split] = _write(
-            samples(),
-            Path(out),
-            split,
-            maxcount,
-            {"kind": "tokens", "data": datamodule.identity(), "dvae_sha256": dvae_sha256},
-        )
-    return manifests
+    return _per_source(datamodule, splits, Path(out), write)
 
 
 def read_token_shards(urls: list[str]) -> dict:

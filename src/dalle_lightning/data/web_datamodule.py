@@ -153,6 +153,10 @@ class WebDataModule(ImageTextDataModule):
     def identity(self) -> dict:
         return {"dataset": "webdataset", "urls": self.urls, "image_size": self.image_size}
 
+    def source(self, split: str) -> str:
+        """Splits over the same shards (COCO's val and test) share one token cache."""
+        return next(other for other in self.urls if self.urls[other] == self.urls[split])
+
     def setup(self, stage: str | None = None) -> None:  # streams: nothing to build up front
         return None
 
