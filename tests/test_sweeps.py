@@ -67,6 +67,7 @@ def test_optuna_search_on_the_prior_runs_two_trials_and_reports_the_best(tiny_dv
     optuna = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert [j["job"] for j in summary["jobs"]] == ["0", "1"] and summary["missing"] == []
+    assert summary["direction"] == "minimize"  # read from the sweeper's config
     values = [j["value"] for j in summary["jobs"]]
     assert summary["best"]["value"] == min(values) == pytest.approx(optuna["best_value"])
     # every searched setting was sampled inside its range and reached the job
