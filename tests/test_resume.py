@@ -240,3 +240,24 @@ def test_a_kill_during_a_checkpoint_save_never_leaves_a_truncated_file(tmp_path)
     assert max(saves) > 0, "no save completed after the first one; nothing was tested"
     leftovers = [p for p in os.listdir(tmp_path) if p != "last.ckpt"]
     assert len(leftovers) <= 3  # at most one temporary file per killed save
+
+
+def test_ddp_resumes_mid_epoch_at_the_next_batch(tmp_path):
+    """trainer=ddp (2 gloo ranks): each rank's sampler skips its own trained batches, so a run
+    resumed from step 4 ends with the uninterrupted run's weights."""
+    extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_steps=8"]
+    extra += ["callbacks=[default]", "trainer.val_check_interval=4"]
+    keep = [
+        "callbacks.last_checkpoint.save_top_k=-1",
+        "+callbacks.last_checkpoint.filename='s{step}'",
+        "+callbacks.last_checkpoint.auto_insert_metric_name=false",
+    ]
+    full = _train(tmp_path / "full", *extra, *keep)
+    assert full.returncode == 0, full.stderr[-2000:]
+    (step4,) = (tmp_path / "full").glob("train_dvae/runs/*/checkpoints/s4.ckpt")
+    resumed = _train(tmp_path / "resumed", *extra, f"ckpt_path={step4}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    b = torch.load(_last(tmp_path / "resumed"), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    _assert_same_tensors(a["state_dict"], b["state_dict"], "state_dict")
