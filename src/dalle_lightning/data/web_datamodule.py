@@ -8,8 +8,8 @@ them and counts the samples) or from anywhere webdataset reads: brace patterns
   loader workers (`split_by_worker`), shard order shuffled, samples mixed in a
   `shuffle_buffer`; every rank's stream repeats, and an epoch is `train_size / global batch`
   batches, so all ranks take the same number of steps. Too few shards for ranks x workers
-  fail when fit starts, before the first step. A stream has no mid-epoch resume: a resumed
-  run starts a new pass.
+  fail when fit starts, before the first step. A stream keeps no position: a resumed run
+  does not continue the interrupted pass's sample order.
 - val / test: each sample once, in shard order; loader workers split the shards, and ranks
   take every world_size-th sample of what each worker reads (no rank is left empty).
 - stage 2: the token cache encodes the val/test/train streams once, or reads token shards
