@@ -26,6 +26,10 @@ def require(ok: bool, field: str, value: Any, allowed: str) -> None:
         raise ConfigError(field, value, allowed)
 
 
+def require_bool(field: str, value: Any) -> None:
+    require(isinstance(value, bool), field, value, "true or false")
+
+
 def require_int(field: str, value: Any, minimum: int | None = None) -> None:
     is_int = isinstance(value, int) and not isinstance(value, bool)
     bound = "" if minimum is None else f" >= {minimum}"

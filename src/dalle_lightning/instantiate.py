@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dalle_lightning.config import (
     ConfigError,
     require,
+    require_bool,
     require_choice,
     require_float,
     require_int,
@@ -69,7 +70,7 @@ def check_run(cfg: DictConfig) -> None:
     )
     for flag in ("test", "resume", "trust_checkpoint"):
         value = cfg.get(flag, False)
-        require(isinstance(value, bool), flag, value, "true or false")
+        require_bool(flag, value)
     optimizer = cfg.model.get("optimizer") if cfg.get("model") else None
     if optimizer:
         check_optimizer(optimizer)

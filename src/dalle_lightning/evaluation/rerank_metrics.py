@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from dalle_lightning.config import require, require_int
+from dalle_lightning.config import require, require_bool, require_int
 from dalle_lightning.data.token_cache import file_sha256
 from dalle_lightning.evaluation.attribute_accuracy import score as attribute_score
 from dalle_lightning.evaluation.candidates import candidate_paths, generate_pool, sample_captions
@@ -73,7 +73,7 @@ def check_protocol(cfg: DictConfig) -> None:
     )
     require_int("sampling.batch_size", cfg.sampling.batch_size, 1)
     require_int("isc_splits", cfg.isc_splits, 1)
-    require(isinstance(cfg.fidelity, bool), "fidelity", cfg.fidelity, "true or false")
+    require_bool("fidelity", cfg.fidelity)
     if cfg.inception_weights is not None:
         require(
             Path(cfg.inception_weights).is_file(),

@@ -27,7 +27,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
-from dalle_lightning.config import ConfigError, require, require_float, require_int
+from dalle_lightning.config import (
+    ConfigError,
+    require,
+    require_bool,
+    require_float,
+    require_int,
+)
 from dalle_lightning.data.datamodule import ImageTextDataModule
 from dalle_lightning.data.token_cache import file_sha256
 from dalle_lightning.data.token_datamodule import TokenDataModule
@@ -114,7 +120,7 @@ class DalleModule(LightningModule):
         if grad_clip_norm is not None:
             require_float("grad_clip_norm", grad_clip_norm, 1e-12)
         require_int("num_sample_captions", num_sample_captions, 0)
-        require(isinstance(compile, bool), "compile", compile, "true or false")
+        require_bool("compile", compile)
         try:  # also refuses guidance (cond_scale != 1) without caption dropout
             resolve_sampling(sampling, {}, guidance_trained=caption_dropout > 0)
         except ConfigError as err:

@@ -33,7 +33,7 @@ from torchvision.utils import make_grid, save_image
 
 from dalle_lightning.config import (
     ConfigError,
-    require,
+    require_bool,
     require_choice,
     require_float,
     require_int,
@@ -84,7 +84,7 @@ class DVAEModule(LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        require(isinstance(compile, bool), "compile", compile, "true or false")
+        require_bool("compile", compile)
         require_float("beta", beta, 0.0)
         require_float("usage_weight", usage_weight, 0.0)
         require_int("kl_warmup_steps", kl_warmup_steps, 0)
