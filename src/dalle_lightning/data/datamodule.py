@@ -80,8 +80,7 @@ class ImageTextDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_fn,
         )
-        trainer = getattr(owner or self, "trainer", None)
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        rank, world_size = rank_and_world(owner or self)
         if not train:  # sharded as Lightning would (padded with repeats to equal shares)
             sampler = (
                 DistributedSampler(dataset, world_size, rank, shuffle=False)
@@ -116,6 +115,12 @@ class ImageTextDataModule(LightningDataModule):
     def split_dataloader(self, split: str) -> DataLoader:
         """Any split by name (e.g. 'heldout'), in a fixed order."""
         return self._loader(split)
+
+
+def rank_and_world(datamodule: LightningDataModule) -> tuple[int, int]:
+    """(global rank, world size) of the trainer `datamodule` is attached to; (0, 1) alone."""
+    trainer = getattr(datamodule, "trainer", None)
+    return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
 
 def batches_trained(datamodule: LightningDataModule) -> int:

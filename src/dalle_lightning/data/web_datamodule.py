@@ -30,7 +30,11 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dalle_lightning.config import ConfigError, require, require_choice, require_int
 from dalle_lightning.data.captioned_images import MAX_IMAGE_PIXELS
-from dalle_lightning.data.datamodule import ImageTextDataModule, collate_image_text
+from dalle_lightning.data.datamodule import (
+    ImageTextDataModule,
+    collate_image_text,
+    rank_and_world,
+)
 from dalle_lightning.data.file_datamodules import TRANSFORMS
 from dalle_lightning.data.quality import BadImage, decode_rgb
 from dalle_lightning.data.resumable import run_seed
@@ -65,33 +69,20 @@ class _Decode:
         return {**item, "key": sample["__key__"]}
 
 
-def _every_shard(urls):
-    yield from urls
-
-
-class _Nth:
-    """Keeps every `world`-th sample from the `rank`-th on. Evaluation splits samples, not
-    shards: every rank then gets at least one sample and logs the same metrics (a rank with
-    none would leave the others waiting in the epoch-end sync)."""
+class _EveryNth:
+    """Keeps every `world`-th item from the `rank`-th on: a rank's shards (webdataset's
+    nodesplitter, by the trainer's rank: srun sets no RANK variable) or, for evaluation, a
+    rank's samples. Evaluation splits samples, not shards, so every rank gets at least one
+    and logs the same metrics (a rank with none would leave the others waiting in the
+    epoch-end sync)."""
 
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
 
-    def __call__(self, samples):
-        for index, sample in enumerate(samples):
+    def __call__(self, items):
+        for index, item in enumerate(items):
             if index % self.world == self.rank:
-                yield sample
-
-
-class _RankShards:
-    """Rank `rank` of `world` reads every world-th shard (webdataset's nodesplitter); the
-    trainer's ranks, not environment variables, decide (srun sets no RANK)."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-
-    def __call__(self, urls):
-        yield from list(urls)[self.rank :: self.world]
+                yield item
 
 
 class WebDataModule(ImageTextDataModule):
@@ -163,10 +154,6 @@ class WebDataModule(ImageTextDataModule):
     def data_report(self) -> dict:
         return {}
 
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-
     def stream(self, split: str, train: bool = False, all_ranks: bool = False) -> IterableDataset:
         """One split as a webdataset pipeline of decoded items (see the module docstring);
         `all_ranks`: every shard in this process (the token cache encodes whole splits)."""
@@ -174,17 +161,19 @@ class WebDataModule(ImageTextDataModule):
         require(bool(urls), f"dataset.{split}", urls, "at least one shard")
         transform = TRANSFORMS[self.train_transform] if train else EvalTransform
         decode = _Decode(transform(self.image_size), train, self.max_pixels)
-        rank, world = (0, 1) if all_ranks else self._world()
+        rank, world = (0, 1) if all_ranks else rank_and_world(self)
         if not train:  # every rank reads every shard and keeps every world-th sample
             dataset = wds.WebDataset(
                 urls,
                 shardshuffle=False,
-                nodesplitter=_every_shard,
+                nodesplitter=_EveryNth(0, 1),
                 workersplitter=wds.split_by_worker,
                 empty_check=False,
             )
             return (
-                dataset.compose(_Nth(rank, world)).map(decode).select(lambda item: item is not None)
+                dataset.compose(_EveryNth(rank, world))
+                .map(decode)
+                .select(lambda item: item is not None)
             )
         readers = world * max(1, self.num_workers)
         require(
@@ -198,7 +187,7 @@ class WebDataModule(ImageTextDataModule):
         dataset = wds.WebDataset(
             urls,
             shardshuffle=len(urls),
-            nodesplitter=_RankShards(rank, world),
+            nodesplitter=_EveryNth(rank, world),
             workersplitter=wds.split_by_worker,
             seed=run_seed(),
             empty_check=False,
@@ -218,7 +207,7 @@ class WebDataModule(ImageTextDataModule):
                 num_workers=self.num_workers,
                 collate_fn=collate_image_text,
             )
-        _, world = self._world()
+        _, world = rank_and_world(self)
         batches = self.counts["train"] // (self.batch_size * world)
         require(
             batches >= 1,
