@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 
 from dalle_lightning.cli import check_group_choices, exit_on_user_error
 from dalle_lightning.evaluating import evaluate
-from dalle_lightning.resume import register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -25,5 +24,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:], CONF_DIR)
-    register_resolvers()
     main()

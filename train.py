@@ -11,7 +11,6 @@ import hydra
 from omegaconf import DictConfig
 
 from dalle_lightning.cli import check_group_choices, exit_on_user_error
-from dalle_lightning.resume import register_resolvers
 from dalle_lightning.training import train
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -26,5 +25,4 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:], CONF_DIR)
-    register_resolvers()
     main()

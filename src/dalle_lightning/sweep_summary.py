@@ -25,6 +25,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from dalle_lightning.run_summary import write_metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -92,7 +94,7 @@ class SweepSummary(Callback):
             return
         summary = summarize_sweep(sweep_dir, _direction(config))
         path = sweep_dir / "sweep_summary.json"
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_metrics(path, summary)
         metric = summary["optimized_metric"]
         overrides = [set(job["overrides"]) for job in summary["jobs"]]
         shared = set.intersection(*overrides) if overrides else set()

@@ -33,7 +33,9 @@ from dalle_lightning.resume import (
 from dalle_lightning.run_summary import collect_metrics, write_metrics
 
 log = logging.getLogger(__name__)
-register_resolvers()  # the configs' resolvers, also in a launcher's job processes
+# conf/'s resolvers, on import: before train.py/evaluate.py compose the config, and in a
+# launcher's job processes, which import this module but run no entry script
+register_resolvers()
 
 
 def train(cfg: DictConfig) -> tuple[float | None, dict]:

@@ -63,11 +63,10 @@ def load_rgb(
 
 
 def decode_rgb(
-    file: Path | BinaryIO, name: Path, max_pixels: int, draft: int | None = None
+    file: Path | BinaryIO, path: Path, max_pixels: int, draft: int | None = None
 ) -> tuple[Image.Image, str | None]:
     """`load_rgb` for an open file or a path (a shard member is a file object): decodes with
-    the same checks; `name` is what an error names."""
-    path = name
+    the same checks; `path` is what an error names."""
     try:
         with warnings.catch_warnings():  # the size check below replaces PIL's bomb warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -45,6 +45,10 @@ def manifest_path(root: str | Path, split: str) -> Path:
     return Path(root) / f"{split}.json"
 
 
+def _save_manifest(out: Path, split: str, manifest: dict) -> None:
+    manifest_path(out, split).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def read_manifest(root: str | Path, split: str, kind: str) -> dict:
     path = manifest_path(root, split)
     try:
@@ -97,7 +101,7 @@ def _write(samples, out: Path, split: str, maxcount: int, manifest: dict) -> dic
             count += 1
     shards = [Path(name).name for name in written]
     manifest = {**manifest, "split": split, "count": count, "shards": shards}
-    manifest_path(out, split).write_text(json.dumps(manifest, indent=2) + "\n")
+    _save_manifest(out, split, manifest)
     log.info("%s: %d samples in %d shards -> %s", split, count, len(shards), out)
     return manifest
 
@@ -110,7 +114,7 @@ def _per_source(datamodule: ImageTextDataModule, splits, out: Path, write) -> di
         source = datamodule.source(split)
         if source in by_source:
             manifests[split] = {**by_source[source], "split": split}
-            manifest_path(out, split).write_text(json.dumps(manifests[split], indent=2) + "\n")
+            _save_manifest(out, split, manifests[split])
             log.info("%s: the shards of %s (the same images)", split, by_source[source]["split"])
         else:
             manifests[split] = by_source[source] = write(split, source)
