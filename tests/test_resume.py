@@ -43,8 +43,26 @@ RUN = [
 ]
 
 
+KEEP_STEP_CHECKPOINTS = [  # every last.ckpt save (each 4 steps) also as its own s<step>.ckpt
+    "callbacks.last_checkpoint.save_top_k=-1",
+    "+callbacks.last_checkpoint.filename='s{step}'",
+    "+callbacks.last_checkpoint.auto_insert_metric_name=false",
+]
+
+
 def _train(log_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_script("train.py", *RUN, f"paths.log_dir={log_dir}", *extra)
+
+
+def _full_and_resumed_from_step_4(tmp_path: Path, *extra: str) -> tuple[dict, dict]:
+    """The last checkpoints of a full run and of a run resumed from the full run's step 4."""
+    full = _train(tmp_path / "full", *extra, *KEEP_STEP_CHECKPOINTS)
+    assert full.returncode == 0, full.stderr[-2000:]
+    (step4,) = (tmp_path / "full").glob("train_dvae/runs/*/checkpoints/s4.ckpt")
+    resumed = _train(tmp_path / "resumed", *extra, f"ckpt_path={step4}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full_last = torch.load(_last(tmp_path / "full"), weights_only=True)
+    return full_last, torch.load(_last(tmp_path / "resumed"), weights_only=True)
 
 
 def _last(log_dir: Path) -> Path:
@@ -108,17 +126,7 @@ def test_resume_from_a_step_checkpoint_matches_only_with_step_seeding(tmp_path, 
     """The equality is not free: without re-seeding per step the Gumbel noise differs."""
     extra = ["trainer.max_steps=12", "callbacks=[default]", "trainer.val_check_interval=6"]
     extra += [] if step_seed else ["~callbacks.step_seed"]
-    keep = [  # every 4-step checkpoint as its own file
-        "callbacks.last_checkpoint.save_top_k=-1",
-        "+callbacks.last_checkpoint.filename='s{step}'",
-        "+callbacks.last_checkpoint.auto_insert_metric_name=false",
-    ]
-    assert _train(tmp_path / "full", *extra, *keep).returncode == 0
-    (step4,) = (tmp_path / "full").glob("train_dvae/runs/*/checkpoints/s4.ckpt")
-    resumed = _train(tmp_path / "resumed", *extra, f"ckpt_path={step4}")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(_last(tmp_path / "full"), weights_only=True)
-    b = torch.load(_last(tmp_path / "resumed"), weights_only=True)
+    a, b = _full_and_resumed_from_step_4(tmp_path, *extra)
     assert a["global_step"] == b["global_step"] == 12
     same = all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert same == step_seed
@@ -243,21 +251,10 @@ def test_a_kill_during_a_checkpoint_save_never_leaves_a_truncated_file(tmp_path)
 
 
 def test_ddp_resumes_mid_epoch_at_the_next_batch(tmp_path):
-    """trainer=ddp (2 gloo ranks): each rank's sampler skips its own trained batches, so a run
-    resumed from step 4 ends with the uninterrupted run's weights."""
+    """trainer=ddp (2 gloo ranks, 3 batches per rank and epoch): a run resumed from step 4,
+    mid-epoch, ends with the uninterrupted run's weights."""
     extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_steps=8"]
     extra += ["callbacks=[default]", "trainer.val_check_interval=4"]
-    keep = [
-        "callbacks.last_checkpoint.save_top_k=-1",
-        "+callbacks.last_checkpoint.filename='s{step}'",
-        "+callbacks.last_checkpoint.auto_insert_metric_name=false",
-    ]
-    full = _train(tmp_path / "full", *extra, *keep)
-    assert full.returncode == 0, full.stderr[-2000:]
-    (step4,) = (tmp_path / "full").glob("train_dvae/runs/*/checkpoints/s4.ckpt")
-    resumed = _train(tmp_path / "resumed", *extra, f"ckpt_path={step4}")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(_last(tmp_path / "full"), weights_only=True)
-    b = torch.load(_last(tmp_path / "resumed"), weights_only=True)
+    a, b = _full_and_resumed_from_step_4(tmp_path, *extra)
     assert a["global_step"] == b["global_step"] == 8
     _assert_same_tensors(a["state_dict"], b["state_dict"], "state_dict")
