@@ -1,7 +1,7 @@
 """Evaluate a trained checkpoint: `python evaluate.py ckpt_path=PATH [dataset=...] [split=test]`.
 
 All settings live in conf/ (start at conf/evaluate.yaml); this file only hands the composed
-config to `dalle_lightning.evaluating.evaluate`. Outputs go to logs/<task_name>/runs/<timestamp>/.
+config to `dalle_lightning.evaluate.evaluate`. Outputs go to logs/<task_name>/runs/<timestamp>/.
 """
 
 import sys
@@ -11,17 +11,20 @@ import hydra
 from omegaconf import DictConfig
 
 from dalle_lightning.cli import check_group_choices, exit_on_user_error
-from dalle_lightning.evaluating import evaluate
+from dalle_lightning.evaluate import evaluate
+from dalle_lightning.runs import register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    register_resolvers()  # a launcher's job process runs this function alone
     with exit_on_user_error():
         evaluate(cfg)
 
 
 if __name__ == "__main__":
+    register_resolvers()  # before Hydra composes: hydra.run.dir names the run to resume
     check_group_choices(sys.argv[1:], CONF_DIR)
     main()

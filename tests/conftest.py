@@ -14,8 +14,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from dalle_lightning.checkpoints import export_dvae
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
-from dalle_lightning.resume import register_resolvers
+from dalle_lightning.runs import register_resolvers
 
 register_resolvers()
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,5 +66,5 @@ def tiny_dvae(tmp_path) -> Path:
     torch.manual_seed(0)
     dvae = DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))
     path = tmp_path / "dvae.pt"
-    torch.save(dvae.export(), path)
+    torch.save(export_dvae(dvae), path)
     return path

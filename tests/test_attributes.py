@@ -7,8 +7,8 @@ import random
 
 import torch
 
-from dalle_lightning.data.attributes import check_attributes
 from dalle_lightning.data.shapes import COLOURS, POSITIONS, SHAPES, ShapesConfig, ShapesDataset
+from dalle_lightning.evaluation.attribute_checker import check_attributes
 
 
 def _items(split: str, n: int, size: int = 64):

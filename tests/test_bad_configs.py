@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from dalle_lightning.config import ConfigError
-from dalle_lightning.evaluating import evaluate
-from dalle_lightning.training import train
+from dalle_lightning.evaluate import evaluate
+from dalle_lightning.train import train
 
 SMALL = ["dataset.num_val=8", "dataset.num_test=8", "trainer.max_steps=2", "logger=none"]
 

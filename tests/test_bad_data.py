@@ -14,7 +14,7 @@ from PIL import Image
 from dalle_lightning.config import ConfigError
 from dalle_lightning.data.folder import read_folder
 from dalle_lightning.data.quality import BadImage, audit, clean_caption, load_rgb
-from dalle_lightning.training import train
+from dalle_lightning.train import train
 
 MAX_PIXELS = 5000  # the test's decompression-bomb limit: 64x64 images pass, 100x100 do not
 

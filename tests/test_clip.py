@@ -16,9 +16,9 @@ import torch
 from torchvision.transforms.functional import to_pil_image
 
 from dalle_lightning.config import ConfigError
-from dalle_lightning.evaluation.rerankers import OpenClip, TrainedClip
 from dalle_lightning.models.clip import ClipConfig, ContrastiveModel, contrastive_loss, recall_at_1
-from dalle_lightning.training import train
+from dalle_lightning.sampling.rerank import OpenClip, TrainedClip
+from dalle_lightning.train import train
 
 TINY = ClipConfig(text_vocab=40, text_seq_len=8, text_dim=32, text_depth=1, text_heads=2,
                   image_size=16, image_channels=(8, 16), pool=2, embed_dim=16)  # fmt: skip

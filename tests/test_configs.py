@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dalle_lightning.config import ConfigError
 from dalle_lightning.instantiate import build, build_all
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
-from tests.conftest import CONF_DIR
+from dalle_lightning.modules.losses import DVAELoss
+from dalle_lightning.stages import build_stage, dvae_module
+from tests.conftest import CONF_DIR, ROOT
+
+LEGACY_DVAE = ROOT / "tests" / "fixtures" / "legacy" / "dvae_main_d5d9626.ckpt"
 
 GROUPS = [
     "dataset",
@@ -126,26 +129,80 @@ def test_paper_dvae_has_the_paper_sizes_and_schedules(make_cfg):
     assert model.grid_size == 32
 
 
-def test_model_config_builds_the_module(make_cfg):
-    cfg = make_cfg(["model.net.n_hid=16"])
-    module = instantiate(cfg.model)
+def test_model_config_builds_the_module_from_typed_configs(make_cfg):
+    cfg = make_cfg(["model.net.n_hid=16", "model.beta=0.5", "model.tau_end=0.1"])
+    module = dvae_module(cfg.model)
+    assert module.net.config == DVAEConfig(**cfg.model.net)
     assert module.net.config.n_hid == 16 and module.net.config.image_size == cfg.dataset.image_size
+    assert module.loss == DVAELoss(beta=0.5, usage_weight=1.0, recon_loss="mse", mse_sigma=0.1)
+    assert module.schedule.tau_end == 0.1 and module.schedule.lr_warmup_steps == 200
+    # the checkpoint's hyper_parameters mirror the yaml: the same module is built from them
+    again = dvae_module(OmegaConf.create(dict(module.hparams)))
+    assert (again.net.config, again.loss, again.schedule) == (
+        module.net.config,
+        module.loss,
+        module.schedule,
+    )
 
 
 @pytest.mark.parametrize(
-    ("override", "group", "field"),
+    ("override", "field", "allowed"),
     [
-        ("dataset.num_val=0", "dataset", "dataset.num_val"),
-        ("dataset.heldout_fraction=0.9", "dataset", "dataset.heldout_fraction"),
-        ("model.beta=-1", "model", "model.beta"),
-        ("model.net.n_hid=30", "model", "model.net.n_hid"),
+        ("dataset.num_val=0", "dataset.num_val", ">= 1"),
+        ("dataset.heldout_fraction=0.9", "dataset.heldout_fraction", "[0.0, 0.5]"),
+        ("model.beta=-1", "model.beta", ">= 0.0"),
+        ("model.net.n_hid=30", "model.net.n_hid", "a multiple of 4"),
+        ("model.beta=strong", "model.beta", "a number"),
+        ("model.net.n_hid=wide", "model.net.n_hid", "an integer"),
+        ("model.lr_decay_steps=soon", "model.lr_decay_steps", "an integer or null"),
+        ("model.compile=1", "model.compile", "true or false"),
+        ("model.num_logged_images=-1", "model.num_logged_images", ">= 0"),
+        ("+model.net.n_hidden=64", "model.net.n_hidden", "not a field; model.net has"),
+        ("+model.betta=1", "model.betta", "not a field; model has"),
     ],
 )
-def test_build_names_bad_fields_as_the_user_types_them(make_cfg, override, group, field):
+def test_bad_fields_are_named_as_the_user_types_them(make_cfg, override, field, allowed):
+    """Unknown keys, wrong types and ranges: one ConfigError naming group.field, at the
+    edge (the stage's typed configs), before any data is read."""
     cfg = make_cfg([override])
     with pytest.raises(ConfigError) as err:
-        build(cfg[group], group)
+        build_stage(cfg)
     assert err.value.field == field
+    assert allowed in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sizes_the_prior_takes_from_the_dvae_cannot_be_set(make_cfg):
+    cfg = make_cfg(["model=dalle", "+model.net.grid_size=16", f"model.dvae_ckpt={LEGACY_DVAE}"])
+    with pytest.raises(ConfigError, match="come from the dVAE checkpoint") as err:
+        build_stage(cfg)
+    assert err.value.field == "model.net.grid_size"
+
+
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")
+@pytest.mark.parametrize("experiment", ["shapes_dvae", "paper_dvae", "shapes_dalle", "paper_dalle"])
+def test_every_experiment_builds_its_stage_configs(make_cfg, experiment):
+    """Every key of each experiment's model group lands in a typed config (on the meta
+    device: the paper's sizes are 12B parameters)."""
+    dvae = [f"model.dvae_ckpt={LEGACY_DVAE}"] if "dalle" in experiment else []
+    cfg = make_cfg([f"experiment={experiment}", *dvae])
+    if "dalle" in experiment:
+        cfg.dataset.image_size = 32  # the legacy dVAE's
+    with torch.device("meta"):
+        stage = build_stage(cfg)
+    module = stage.module
+    if "dvae" in experiment:
+        assert module.net.config == DVAEConfig(**cfg.model.net)
+        assert module.loss.beta == cfg.model.beta
+    else:
+        prior = module.model.prior.config
+        assert (prior.dim, prior.depth, prior.attention) == (
+            cfg.model.net.dim,
+            cfg.model.net.depth,
+            cfg.model.net.attention,
+        )
+        assert prior.text_seq_len == cfg.model.text.text_seq_len and prior.grid_size == 8
+        assert module.schedule.warmup_steps == cfg.model.warmup_steps
+        assert module.model.sampling.cond_scale == cfg.model.sampling.cond_scale
 
 
 def test_shapes_dalle_experiment_is_model_dalle(make_cfg):

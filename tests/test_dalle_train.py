@@ -4,19 +4,26 @@ checkpoints that rebuild DALL-E alone, generation, and the user errors."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from dalle_lightning.data.datamodule import ShapesDataModule
-from dalle_lightning.data.token_cache import file_sha256
+from dalle_lightning.checkpoints import file_sha256
+from dalle_lightning.data.shapes import ShapesDataModule
 from dalle_lightning.data.token_datamodule import TokenDataModule
-from dalle_lightning.evaluating import evaluate
+from dalle_lightning.evaluate import evaluate
 from dalle_lightning.models.dalle import DALLE
-from dalle_lightning.models.dvae import DVAE
-from dalle_lightning.modules.dalle_module import DalleModule, resolve_dvae_ckpt
-from dalle_lightning.training import train
+from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.models.transformer import PriorConfig
+from dalle_lightning.modules.dalle_module import DalleModule
+from dalle_lightning.modules.losses import PriorLoss
+from dalle_lightning.modules.schedules import PriorSchedule
+from dalle_lightning.sampling.sampler import SamplingConfig
+from dalle_lightning.stages import resolve_dvae_ckpt
+from dalle_lightning.text.tokenizer import BPETokenizer, TextConfig
+from dalle_lightning.train import train
 from tests.conftest import run_script
 
 DATA = [
@@ -44,15 +51,56 @@ def shapes(n: int = 24) -> ShapesDataModule:
     )
 
 
-def tiny_module(dvae_path: Path, **kwargs) -> DalleModule:
-    """A one-layer prior over `dvae_path`'s codes, for tests of the module's own logic."""
-    return DalleModule(net={"dim": 16, "depth": 1, "heads": 2}, dvae_ckpt=str(dvae_path), **kwargs)
+def tiny_module(
+    schedule: PriorSchedule = PriorSchedule(),
+    loss: PriorLoss = PriorLoss(),
+    text_seq_len: int = 8,
+    **options,
+) -> DalleModule:
+    """A one-layer prior over an in-memory random dVAE (32 px -> 8 x 8 codes from 32) and a
+    BPE tokenizer learned from a few captions: no file on disk."""
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))
+    captions = ["a red circle on the left", "a large blue square", "a small green triangle"]
+    tokenizer = BPETokenizer.train(captions, 64, text_seq_len)
+    net = PriorConfig(
+        text_vocab=64,
+        text_seq_len=text_seq_len,
+        image_vocab=32,
+        grid_size=8,
+        dim=16,
+        depth=1,
+        heads=2,
+    )
+    return DalleModule(net, dvae, tokenizer, loss, schedule, **options)
+
+
+def test_the_module_is_built_from_objects_in_memory_and_learns():
+    """DalleModule takes a dVAE, a tokenizer and typed configs, nothing from disk: its loss
+    falls on a fixed batch, and its model generates images for captions right away."""
+    module = tiny_module(schedule=PriorSchedule(warmup_steps=0))
+    module.log_dict = lambda *args, **kwargs: None  # no trainer to log to
+    text = module.model.tokenizer.encode(["a red circle on the left", "a large blue square"])
+    batch = {"text": text, "codes": torch.randint(0, 32, (2, 64), generator=torch.Generator())}
+    optimizer = torch.optim.AdamW(module.model.prior.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = module.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(p.grad is None for p in module.model.dvae.parameters())  # frozen
+    images = module.model.generate(["a red circle on the left"], 2, seed=0)
+    assert images.shape == (2, 3, 32, 32)
 
 
 def test_token_cache_holds_the_dvae_codes_and_is_reused(tiny_dvae, tmp_path, monkeypatch):
     dvae = DVAE.from_checkpoint(tiny_dvae)
     sha = file_sha256(tiny_dvae)
-    dm = TokenDataModule(shapes(), dvae, sha, str(tmp_path / "cache"), 64, 16)
+    text = TextConfig(vocab_size=64, text_seq_len=16)
+    dm = TokenDataModule(shapes(), dvae, sha, str(tmp_path / "cache"), text)
     dm.setup()
     tokens = dm.split_tokens("train")
     dm.split_tokens("val")
@@ -67,7 +115,7 @@ def test_token_cache_holds_the_dvae_codes_and_is_reused(tiny_dvae, tmp_path, mon
         raise AssertionError("the cache should have been reused")
 
     monkeypatch.setattr("dalle_lightning.data.token_cache.encode_dataset", no_encoding)
-    again = TokenDataModule(shapes(), dvae, sha, str(tmp_path / "cache"), 64, 16)
+    again = TokenDataModule(shapes(), dvae, sha, str(tmp_path / "cache"), text)
     again.setup()
     assert torch.equal(again.split_tokens("train")["codes"], tokens["codes"])
     batch = next(iter(again.val_dataloader()))
@@ -76,16 +124,15 @@ def test_token_cache_holds_the_dvae_codes_and_is_reused(tiny_dvae, tmp_path, mon
 
     # another dVAE (or other data) gets its own cache files
     with pytest.raises(AssertionError, match="reused"):
-        TokenDataModule(shapes(), dvae, "0" * 64, str(tmp_path / "cache"), 64, 16).setup()
+        TokenDataModule(shapes(), dvae, "0" * 64, str(tmp_path / "cache"), text).setup()
     with pytest.raises(AssertionError, match="reused"):
-        TokenDataModule(shapes(n=25), dvae, sha, str(tmp_path / "cache"), 64, 16).setup()
+        TokenDataModule(shapes(n=25), dvae, sha, str(tmp_path / "cache"), text).setup()
 
 
 def test_bpe_dropout_in_the_training_loader_only(tiny_dvae, tmp_path):
     dvae = DVAE.from_checkpoint(tiny_dvae)
-    dm = TokenDataModule(
-        shapes(), dvae, file_sha256(tiny_dvae), str(tmp_path), 64, 32, bpe_dropout=1.0
-    )
+    text = TextConfig(vocab_size=64, text_seq_len=32, bpe_dropout=1.0)
+    dm = TokenDataModule(shapes(), dvae, file_sha256(tiny_dvae), str(tmp_path), text)
     dm.setup()
     train_batch = next(iter(dm.train_dataloader()))
     val_batch = next(iter(dm.val_dataloader()))
@@ -131,7 +178,7 @@ def test_training_checkpoint_rebuilds_dalle_and_generates(make_cfg, tiny_dvae, t
 
     model = DALLE.from_checkpoint(ckpt)
     # model=dalle's sampling settings and caption dropout travel with the checkpoint
-    assert model.sampling == {"temperature": 0.5, "top_k": None, "top_p": 0.9, "cond_scale": 1.5}
+    assert model.sampling == SamplingConfig(temperature=0.5, top_p=0.9, cond_scale=1.5)
     assert model.caption_dropout == cfg.model.caption_dropout == 0.1
     images = model.generate(["a red circle on the left"], num_images=3, seed=1)
     assert images.shape == (3, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
@@ -155,7 +202,7 @@ def test_training_checkpoint_rebuilds_dalle_and_generates(make_cfg, tiny_dvae, t
     gen_metrics = json.loads((gen_dir / "metrics.json").read_text())
     assert gen_metrics["generated"][1]["prompt"] == "a blue square"
     # evaluate.yaml leaves sampling null: the checkpoint's settings were used and recorded
-    assert gen_metrics["sampling"] == {**model.sampling, "batch_size": 64}
+    assert gen_metrics["sampling"] == {**asdict(model.sampling), "batch_size": 64}
 
     # attribute accuracy: real images are the checker's reference (100%); a random dVAE and
     # an untrained prior draw nothing recognisable
@@ -205,38 +252,37 @@ def test_generate_needs_prompts(tmp_path):
     assert "error: prompts=None is invalid: a non-empty list of captions" in result.stderr
 
 
-def test_learning_rate_warms_up_then_halves_on_plateaus(tiny_dvae):
-    module = tiny_module(tiny_dvae, warmup_steps=10, plateau_patience=1, max_lr_halvings=2)
-    assert module.lr_factor(0) == pytest.approx(0.1) and module.lr_factor(9) == 1.0
+def test_learning_rate_warms_up_then_halves_on_plateaus():
+    module = tiny_module(PriorSchedule(warmup_steps=10, plateau_patience=1, max_lr_halvings=2))
+    factor = module.lr_factor(max_steps=0)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == 1.0
     for val_loss in (3.0, 2.0, 1.5, 1.0):  # improving: never halved
-        module._plateau_update(val_loss)
-    assert module.lr_halvings == 0
-    module._plateau_update(1.0)  # one validation without improvement: within patience
-    assert module.lr_halvings == 0
-    module._plateau_update(1.2)  # two: halve
-    assert module.lr_halvings == 1 and module.lr_factor(100) == 0.5
+        module.plateau.update(val_loss)
+    assert module.plateau.halvings == 0
+    module.plateau.update(1.0)  # one validation without improvement: within patience
+    assert module.plateau.halvings == 0
+    assert module.plateau.update(1.2)  # two: halve
+    assert module.plateau.halvings == 1 and factor(100) == 0.5
     for _ in range(10):
-        module._plateau_update(5.0)
-    assert module.lr_halvings == 2  # at most max_lr_halvings
+        module.plateau.update(5.0)
+    assert module.plateau.halvings == 2  # at most max_lr_halvings
 
 
-def test_learning_rate_anneals_over_the_last_fraction_of_the_run(tiny_dvae):
-    module = tiny_module(tiny_dvae, warmup_steps=10, anneal_fraction=0.4)
-    factors = [module.lr_factor(step, max_steps=100) for step in range(101)]
+def test_learning_rate_anneals_over_the_last_fraction_of_the_run():
+    module = tiny_module(PriorSchedule(warmup_steps=10, anneal_fraction=0.4))
+    factors = [module.lr_factor(max_steps=100)(step) for step in range(101)]
     assert factors[9:61] == [1.0] * 52  # warm, constant until the last 40 steps
     assert factors[80] == pytest.approx(0.5)  # half-way down the half cosine
     assert all(a > b for a, b in zip(factors[60:], factors[61:], strict=False))
     assert factors[100] == 0.0
-    module.lr_halvings = 1  # plateau halvings still apply on top
-    assert module.lr_factor(80, max_steps=100) == pytest.approx(0.25)
-    assert module.lr_factor(80) == 0.5  # no max_steps: no anneal
+    module.plateau.halvings = 1  # plateau halvings still apply on top
+    assert module.lr_factor(max_steps=100)(80) == pytest.approx(0.25)
+    assert module.lr_factor(max_steps=0)(80) == 0.5  # no max_steps: no anneal
 
 
 @pytest.mark.parametrize("caption_dropout", [0.0, 0.5, 1.0])
-def test_caption_dropout_blanks_whole_captions_in_training_only(tiny_dvae, caption_dropout):
-    module = tiny_module(
-        tiny_dvae, text={"vocab_size": 64, "text_seq_len": 6}, caption_dropout=caption_dropout
-    )
+def test_caption_dropout_blanks_whole_captions_in_training_only(caption_dropout):
+    module = tiny_module(loss=PriorLoss(caption_dropout=caption_dropout), text_seq_len=6)
     seen = []
     module._losses = lambda batch, stage: seen.append(batch["text"]) or torch.zeros(())
     text = torch.randint(0, 64, (400, 6))
@@ -248,8 +294,8 @@ def test_caption_dropout_blanks_whole_captions_in_training_only(tiny_dvae, capti
     assert abs(blanked.float().mean().item() - caption_dropout) < 0.08
 
 
-def test_weight_decay_skips_gains_biases_and_embeddings(tiny_dvae):
-    module = tiny_module(tiny_dvae)
+def test_weight_decay_skips_gains_biases_and_embeddings():
+    module = tiny_module()
     # configure_optimizers reads trainer.model and trainer.max_steps
     module.trainer = type("T", (), {"model": module, "max_steps": 100})()
     optimizer = module.configure_optimizers()["optimizer"]
@@ -265,7 +311,8 @@ def test_weight_decay_skips_gains_biases_and_embeddings(tiny_dvae):
 
 def test_truncation_is_reported_once_per_run(tiny_dvae, tmp_path, caplog):
     dvae = DVAE.from_checkpoint(tiny_dvae)
-    dm = TokenDataModule(shapes(), dvae, file_sha256(tiny_dvae), str(tmp_path), 64, 4)
+    text = TextConfig(vocab_size=64, text_seq_len=4)
+    dm = TokenDataModule(shapes(), dvae, file_sha256(tiny_dvae), str(tmp_path), text)
     with caplog.at_level("WARNING"):
         dm.setup("fit")
         dm.setup("test")  # Lightning calls setup again for trainer.test

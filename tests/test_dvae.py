@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dalle_lightning.checkpoints import export_dvae
 from dalle_lightning.config import ConfigError
 from dalle_lightning.models.dvae import DVAE, DVAEConfig, DVAEOutput, gumbel_softmax
 from dalle_lightning.models.image_tokenizer import ImageTokenizer
@@ -125,24 +126,27 @@ def test_image_size_error_says_what_divides():
 
 def test_export_round_trip_through_from_checkpoint(model, tmp_path):
     path = tmp_path / "dvae.pt"
-    torch.save(model.export(), path)
+    torch.save(export_dvae(model), path)
     loaded = DVAE.from_checkpoint(path)
     assert loaded.config == SMALL
     images = torch.rand(2, 3, 32, 32)
     assert torch.equal(loaded.encode(images), model.encode(images))
 
 
-def test_from_checkpoint_rejects_other_files(tmp_path):
+def test_from_checkpoint_rejects_other_files_naming_the_field(tmp_path):
+    """One error type from every layer: a ConfigError on the field the file came from."""
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(1)}, path)
-    with pytest.raises(RuntimeError, match="is not a dVAE checkpoint"):
-        DVAE.from_checkpoint(path)
+    with pytest.raises(ConfigError, match="is invalid: a dVAE checkpoint") as err:
+        DVAE.from_checkpoint(path, field="model.dvae_ckpt")
+    assert err.value.field == "model.dvae_ckpt"
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="broken.pt.* truncated or corrupt"):
+    with pytest.raises(ConfigError, match="broken.pt.* truncated or corrupt"):
         DVAE.from_checkpoint(broken)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="an existing checkpoint file") as err:
         DVAE.from_checkpoint(tmp_path / "missing.pt")
+    assert err.value.field == "ckpt_path"
 
 
 def test_gumbel_softmax_samples_the_categorical():

@@ -14,8 +14,8 @@ import torch_fidelity
 from PIL import Image
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
+from dalle_lightning.checkpoints import file_sha256
 from dalle_lightning.config import ConfigError
-from dalle_lightning.data.token_cache import file_sha256
 from dalle_lightning.evaluation.fidelity import blur_folder, fid_and_is, save_images, weights_record
 from dalle_lightning.evaluation.random_inception import save_random_inception
 from dalle_lightning.sampling.rerank import best_of_k

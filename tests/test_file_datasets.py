@@ -12,19 +12,15 @@ import torch
 from PIL import Image
 
 from dalle_lightning.config import ConfigError
-from dalle_lightning.data.coco import read_coco
-from dalle_lightning.data.cub import read_cub
-from dalle_lightning.data.file_datamodules import (
-    CocoDataModule,
-    CubDataModule,
-    FolderDataModule,
-)
-from dalle_lightning.data.folder import read_folder
+from dalle_lightning.data.coco import CocoDataModule, read_coco
+from dalle_lightning.data.cub import CubDataModule, read_cub
+from dalle_lightning.data.folder import FolderDataModule, read_folder
 from dalle_lightning.data.quality import audit
 from dalle_lightning.data.token_cache import encode_dataset
 from dalle_lightning.data.token_datamodule import TokenDataModule, TokenDataset
 from dalle_lightning.instantiate import build
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.text.tokenizer import TextConfig
 
 # the real COCO files of ../shared/assets (see its README), found beside any parent folder
 COCO_MINI = next(
@@ -223,7 +219,7 @@ def test_val_and_test_of_one_source_share_one_token_cache(folder, tmp_path):
         str(folder), image_size=16, val_fraction=0.3, num_workers=0, max_bad_fraction=0.5
     )
     dvae = DVAE(DVAEConfig(image_size=16, vocab_size=8, n_hid=8, n_init=8, group_count=2))
-    tokens = TokenDataModule(dm, dvae, "sha", str(tmp_path / "cache"), 64, 8)
+    tokens = TokenDataModule(dm, dvae, "sha", str(tmp_path / "cache"), TextConfig(64, 8))
     assert tokens.split_tokens("test") is tokens.split_tokens("val")  # encoded once
     assert tokens.split_tokens("train") is not tokens.split_tokens("val")
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == [

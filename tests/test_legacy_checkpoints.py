@@ -8,13 +8,14 @@ them (`expected.json`); see the README there.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE
-from dalle_lightning.sampling.generate import sample_codes
+from dalle_lightning.sampling.sampler import sample_codes
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text())
@@ -29,12 +30,12 @@ def test_a_dvae_checkpoint_of_main_d5d9626_encodes_as_it_did():
 
 def test_a_prior_checkpoint_of_main_d5d9626_samples_as_it_did():
     model = DALLE.from_checkpoint(LEGACY / "dalle_main_d5d9626.ckpt")
-    assert model.sampling == EXPECTED["sampling"]
+    assert asdict(model.sampling) == EXPECTED["sampling"]
     assert model.caption_dropout == EXPECTED["caption_dropout"]
     text = model.tokenizer.encode(CAPTIONS)
     assert text.tolist() == EXPECTED["text_ids"]
     generator = torch.Generator().manual_seed(0)
-    samples = sample_codes(model.prior, text, generator=generator, **model.sampling)
+    samples = sample_codes(model.prior, text, model.sampling, generator)
     assert samples.codes.tolist() == EXPECTED["sampled_codes"]
     images = model.generate(CAPTIONS[:1], 2, seed=0)
     assert abs(float(images.double().sum()) - EXPECTED["image_sum"]) < 1e-6 * EXPECTED["image_sum"]

@@ -8,16 +8,18 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
+from dalle_lightning.models.dvae import DVAEConfig
 from dalle_lightning.modules.dvae_module import DVAEModule
 from dalle_lightning.modules.losses import (
+    DVAELoss,
     code_usage_kl,
     kl_to_uniform,
     logit_laplace_nll,
     mse_nll,
 )
-from dalle_lightning.modules.schedules import cosine_anneal, linear_warmup
+from dalle_lightning.modules.schedules import DVAESchedule, cosine_anneal, linear_warmup
 
-NET = dict(image_size=32, vocab_size=64, n_hid=16, n_init=8, group_count=3, n_blk_per_group=1)
+NET = DVAEConfig(image_size=32, vocab_size=64, n_hid=16, n_init=8, group_count=3, n_blk_per_group=1)
 
 
 def test_logit_laplace_nll_matches_the_density_formula():
@@ -77,10 +79,8 @@ def test_dvae_learning_rate_warms_up_then_follows_the_cosine(warmup):
     lr, ratio, decay = 3e-3, 0.01, 100
     module = DVAEModule(
         NET,
+        schedule=DVAESchedule(lr_final_ratio=ratio, lr_decay_steps=decay, lr_warmup_steps=warmup),
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
-        lr_final_ratio=ratio,
-        lr_decay_steps=decay,
-        lr_warmup_steps=warmup,
     )
     module.trainer = type("T", (), {"model": module, "max_steps": decay})()
     scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
@@ -97,19 +97,19 @@ def test_dvae_learning_rate_warms_up_then_follows_the_cosine(warmup):
     assert seen[0] == pytest.approx(lr / 10 if warmup else lr)
 
 
-def test_module_schedules_follow_the_paper_shape():
-    module = DVAEModule(NET, beta=6.6, kl_warmup_steps=5000, temp_anneal_steps=150_000)
-    assert module.beta_at(0) == 0.0
-    assert module.beta_at(2500) == pytest.approx(3.3)
-    assert module.beta_at(5000) == pytest.approx(6.6)
-    assert module.tau_at(0) == 1.0
-    assert module.tau_at(75_000) == pytest.approx(0.53125)
-    assert module.tau_at(10**7) == pytest.approx(1 / 16)
+def test_dvae_schedules_follow_the_paper_shape():
+    schedule = DVAESchedule(kl_warmup_steps=5000, temp_anneal_steps=150_000)
+    assert schedule.beta(0, 6.6) == 0.0
+    assert schedule.beta(2500, 6.6) == pytest.approx(3.3)
+    assert schedule.beta(5000, 6.6) == pytest.approx(6.6)
+    assert schedule.tau(0) == 1.0
+    assert schedule.tau(75_000) == pytest.approx(0.53125)
+    assert schedule.tau(10**7) == pytest.approx(1 / 16)
 
 
 def test_training_loss_is_normalised_by_subpixels():
     torch.manual_seed(0)
-    module = DVAEModule(NET, kl_warmup_steps=0)  # beta = 6.6 from the first step
+    module = DVAEModule(NET, DVAELoss(beta=6.6), DVAESchedule(kl_warmup_steps=0))
     images = torch.rand(2, 3, 32, 32)
     out = module.net(images, tau=1.0)
     nll, kl = module._terms(out.stats, out.logits, images)

@@ -8,6 +8,7 @@ import torch
 
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
+from dalle_lightning.sampling.kv_decoder import KVDecoder
 
 
 def _record_dtypes(modules: dict) -> dict:
@@ -54,9 +55,9 @@ def test_prior_logits_are_fp32_under_autocast_in_training_and_cached_sampling():
     with torch.autocast("cpu", dtype=torch.float16):
         out = prior(text, codes)
         with torch.no_grad():
-            cache = prior.new_cache(2)
-            first = prior.prefill(text, cache)
-            second = prior.step(first.argmax(-1), cache)
+            decoder = KVDecoder(prior, batch=2)
+            first = decoder.prefill(text)
+            second = decoder.step(first.argmax(-1))
     assert seen["qkv"] == torch.float16  # the blocks run in half precision
     assert out.text_logits.dtype == out.image_logits.dtype == torch.float32
     assert first.dtype == second.dtype == torch.float32

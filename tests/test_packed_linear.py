@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_lightning.models.packed_linear import PackedLinear
+from dalle_lightning.sampling.packed_linear import PackedLinear
 
 
 @pytest.mark.parametrize("gelu", [False, True])

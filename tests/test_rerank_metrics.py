@@ -17,14 +17,15 @@ import pytest
 import torch
 import torch_fidelity
 
+from dalle_lightning.checkpoints import export_dvae
+from dalle_lightning.evaluate import evaluate
 from dalle_lightning.evaluation import candidates
 from dalle_lightning.evaluation.fidelity import load_images
 from dalle_lightning.evaluation.random_inception import save_random_inception
-from dalle_lightning.evaluation.rerank_metrics import evaluate_metrics
-from dalle_lightning.evaluation.rerankers import TrainedClip
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
-from dalle_lightning.training import train
+from dalle_lightning.sampling.rerank import TrainedClip
+from dalle_lightning.train import train
 from tests.conftest import compose_config
 from tests.test_clip import CLIP_RUN
 from tests.test_dalle_train import DATA, NET
@@ -38,7 +39,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     dvae = root / "dvae.pt"
-    torch.save(DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32)).export(), dvae)
+    torch.save(export_dvae(DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))), dvae)
     steps = ["debug=limit", "trainer.max_steps=4", "trainer.val_check_interval=4"]
     cfg = compose_config("train", ["model=dalle", f"model.dvae_ckpt={dvae}", *steps, *DATA, *NET],
                          root / "dalle")  # fmt: skip
@@ -91,7 +92,7 @@ def test_metrics_sweep_writes_tables_and_costs_one_generation(trained, tmp_path,
     calls = count_generated(monkeypatch)
     cfg = metrics_cfg(trained, tmp_path, "fidelity=false")  # FID/IS: the next test
     assert list(cfg.splits) == ["test", "heldout"]  # protocol/shapes.yaml
-    summary = evaluate_metrics(cfg)
+    summary = evaluate(cfg)
 
     # one pool of max(k) = 4 candidates per caption serves k = 1, 2, 4: 16 images per split
     assert calls == [4] * 8 and sum(calls) == 2 * 4 * 4
@@ -131,7 +132,7 @@ def test_metrics_sweep_writes_tables_and_costs_one_generation(trained, tmp_path,
 
 def test_fid_and_is_for_every_k_and_blur_radius(trained, tmp_path):
     cfg = metrics_cfg(trained, tmp_path, "splits=[test]", "rerank_counts=[1,2]", "blur_radii=[0,2]")
-    evaluate_metrics(cfg)
+    evaluate(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["k"], r["blur_radius"]): r for r in results["rows"]}
     assert sorted(rows) == [(1, 0), (1, 2), (2, 0), (2, 2)]
@@ -159,13 +160,13 @@ def test_fid_and_is_for_every_k_and_blur_radius(trained, tmp_path):
 
 def test_killed_evaluation_resumes_with_identical_results(trained, tmp_path, monkeypatch):
     one = ["splits=[test]", "fidelity=false"]  # FID of identical images is identical
-    evaluate_metrics(metrics_cfg(trained, tmp_path / "whole", *one))
+    evaluate(metrics_cfg(trained, tmp_path / "whole", *one))
 
     count_generated(monkeypatch, fail_on_call=3)  # dies while making the 3rd caption's images
     with pytest.raises(Killed):
-        evaluate_metrics(metrics_cfg(trained, tmp_path / "killed", *one))
+        evaluate(metrics_cfg(trained, tmp_path / "killed", *one))
     calls = count_generated(monkeypatch)
-    again = evaluate_metrics(metrics_cfg(trained, tmp_path / "killed", *one))
+    again = evaluate(metrics_cfg(trained, tmp_path / "killed", *one))
     assert calls == [4, 4]  # only the two unfinished captions are generated again
     info = again["protocol"]["per_split"]["test"]
     assert info["images_generated_this_run"] == 8 and info["images_reused_this_run"] == 8
@@ -190,7 +191,7 @@ def test_bad_protocol_values_fail_before_any_work(trained, tmp_path):
         ("splits=[nope]", "splits"),
     ]:
         with pytest.raises(ConfigError, match=field):
-            evaluate_metrics(metrics_cfg(trained, tmp_path, override))
+            evaluate(metrics_cfg(trained, tmp_path, override))
     assert not (tmp_path / "eval_pools").exists()
 
 
@@ -210,7 +211,7 @@ def test_metrics_on_the_real_coco_layout(trained, tmp_path):
         "blur_radii=[0]",
     )
     assert list(cfg.splits) == ["val"]
-    evaluate_metrics(cfg)
+    evaluate(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     info = results["protocol"]["per_split"]["val"]
     assert info["captions"] == 5 and 1 <= info["real_images"] <= 5

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dalle_lightning.checkpoint_file import read_checkpoint
+from dalle_lightning.checkpoints import read_checkpoint
 from dalle_lightning.config import ConfigError
 from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws
 from tests.conftest import ROOT, run_script

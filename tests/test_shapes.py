@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from dalle_lightning.config import ConfigError
-from dalle_lightning.data.datamodule import ShapesDataModule
 from dalle_lightning.data.shapes import (
     COLOURS,
     POSITION_PHRASES,
     SHAPES,
     ShapesConfig,
+    ShapesDataModule,
     ShapesDataset,
     all_pairs,
     heldout_pairs,

@@ -29,6 +29,7 @@ from dalle_lightning.instantiate import build, check_trainer
 from dalle_lightning.models.dvae import DVAE, DVAEConfig, ResBlockGroup
 from dalle_lightning.models.transformer import Block, PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
+from dalle_lightning.stages import build_stage
 from tests.conftest import CONF_DIR
 from tests.test_dalle_train import tiny_module
 
@@ -139,9 +140,9 @@ def test_fsdp_policy_shards_the_prior_and_trains_it_as_one_process_does(tmp_path
         torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_compile_switch_compiles_the_prior_in_place_with_the_same_logits(tiny_dvae):
-    eager = tiny_module(tiny_dvae)
-    compiled = tiny_module(tiny_dvae, compile=True)
+def test_compile_switch_compiles_the_prior_in_place_with_the_same_logits(make_cfg, tiny_dvae):
+    eager = tiny_module()
+    compiled = tiny_module(compile=True)
     compiled.load_state_dict(eager.state_dict())
     compiled.configure_model()  # what Lightning calls before fitting
     assert compiled.model.prior._compiled_call_impl is not None
@@ -151,8 +152,9 @@ def test_compile_switch_compiles_the_prior_in_place_with_the_same_logits(tiny_dv
     codes = torch.randint(0, config.image_vocab, (2, grid * grid))
     for a, b in zip(compiled.model.prior(text, codes), eager.model.prior(text, codes), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ConfigError, match="compile='yes'"):
-        tiny_module(tiny_dvae, compile="yes")
+    cfg = make_cfg(["model=dalle", "model.compile=yes", f"model.dvae_ckpt={tiny_dvae}"])
+    with pytest.raises(ConfigError, match="model.compile='yes' is invalid: true or false"):
+        build_stage(cfg)
 
 
 def _powersgd_rank(rank: int, port: int, out: str) -> None:

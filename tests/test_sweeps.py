@@ -10,7 +10,7 @@ import yaml
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from dalle_lightning.sweep_summary import summarize_sweep
+from dalle_lightning.callbacks.sweep_summary import summarize_sweep
 from tests.conftest import run_script
 from tests.test_dalle_train import DATA, NET
 from tests.test_train import TINY

@@ -8,9 +8,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from dalle_lightning.evaluating import evaluate
+from dalle_lightning.evaluate import evaluate
 from dalle_lightning.models.dvae import DVAE
-from dalle_lightning.training import train
+from dalle_lightning.train import train
 from tests.conftest import run_script
 
 TINY = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ import torch
 from dalle_lightning.config import ConfigError
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
-from dalle_lightning.sampling.generate import (
-    SAMPLING_DEFAULTS,
+from dalle_lightning.sampling.kv_decoder import KVDecoder
+from dalle_lightning.sampling.sampler import (
+    SamplingConfig,
     blank_text,
     filter_logits,
     gumbel_max,
@@ -74,16 +76,16 @@ def test_changing_a_later_token_never_changes_earlier_logits(attention):
     assert not torch.allclose(out.image_logits, base.image_logits)  # the image sees all text
 
 
-def cached_and_uncached(model, text, seed: int, **kwargs):
+def cached_and_uncached(model, text, seed: int, **sampling):
     """The same seeded sampling run with and without the key/value cache, logits kept."""
     return [
         sample_codes(
             model,
             text,
-            generator=torch.Generator().manual_seed(seed),
+            SamplingConfig(**sampling),
+            torch.Generator().manual_seed(seed),
             use_cache=use_cache,
             keep_logits=True,
-            **kwargs,
         )
         for use_cache in (True, False)
     ]
@@ -102,9 +104,25 @@ def test_cached_and_uncached_sampling_give_equal_logits(attention):
     )
 
 
+@pytest.mark.parametrize("attention", ["full", "sparse"])
+def test_prefill_and_steps_equal_the_forward_and_leave_the_model_unhooked(attention):
+    """The decoder's prefill is the prior's own forward over [text | start-of-image] (its
+    hooks copy keys and values into the cache); each step equals the teacher-forced logits."""
+    model = tiny(attention)
+    text, codes = inputs(batch=2)
+    with torch.no_grad():
+        expected = model(text, codes).image_logits
+        decoder = KVDecoder(model, batch=2)
+        logits = [decoder.prefill(text)]
+        logits += [decoder.step(codes[:, p - 1]) for p in range(1, GRID * GRID)]
+    torch.testing.assert_close(torch.stack(logits, 1), expected, atol=1e-5, rtol=0)
+    assert decoder.cache.length == T + GRID * GRID
+    assert all(not block.attention.qkv._forward_hooks for block in model.blocks)
+
+
 def test_each_generation_uses_the_current_weights():
-    """`prefill` prepacks the step's weights per generation: after the weights change, cached
-    sampling still equals the uncached forward (no stale copy from an earlier generation)."""
+    """The decoder prepacks the step's weights per generation: after the weights change,
+    cached sampling still equals the uncached forward (no stale copy of an earlier one)."""
     model = tiny("sparse")
     text, _ = inputs(batch=2)
     sample_codes(model, text, generator=torch.Generator().manual_seed(3))
@@ -131,23 +149,29 @@ def test_guided_sampling_mixes_caption_and_blank_logits_with_and_without_cache()
 
 
 def test_sampling_settings_left_unset_come_from_the_checkpoint():
-    trained = {"temperature": 0.5, "top_k": None, "top_p": 0.9, "cond_scale": 1.5}
+    trained = SamplingConfig(temperature=0.5, top_k=None, top_p=0.9, cond_scale=1.5)
     requested = {"temperature": None, "top_k": None, "top_p": 1.0, "cond_scale": None}
-    assert resolve_sampling(requested, trained, guidance_trained=True) == {
-        "temperature": 0.5,
-        "top_k": None,
-        "top_p": 1.0,  # given: nucleus filtering off
-        "cond_scale": 1.5,
-    }
+    assert resolve_sampling(requested, trained, guidance_trained=True) == SamplingConfig(
+        temperature=0.5,
+        top_k=None,
+        top_p=1.0,  # given: nucleus filtering off
+        cond_scale=1.5,
+    )
     # a checkpoint from before sampling settings were saved: the plain sampler
-    assert resolve_sampling({}, {}, guidance_trained=False) == SAMPLING_DEFAULTS
+    plain = resolve_sampling({}, SamplingConfig(), guidance_trained=False)
+    assert asdict(plain) == {"temperature": 1.0, "top_k": None, "top_p": None, "cond_scale": 1.0}
     # guidance on a prior that never saw a blank caption is refused, naming the fix
     for trained_scale, asked in ((1.5, None), (1.0, 2.0)):
         with pytest.raises(ConfigError) as err:
-            resolve_sampling({"cond_scale": asked}, {"cond_scale": trained_scale}, False)
-        assert err.value.field == "cond_scale" and "model.caption_dropout" in str(err.value)
-    with pytest.raises(ConfigError, match="temperature"):
+            resolve_sampling({"cond_scale": asked}, SamplingConfig(cond_scale=trained_scale), False)
+        assert err.value.field == "sampling.cond_scale"
+        assert "model.caption_dropout" in str(err.value)
+    with pytest.raises(ConfigError, match="temperature") as err:
         resolve_sampling({"temperature": 0.0}, trained, True)
+    assert err.value.field == "sampling.temperature"
+    with pytest.raises(ConfigError, match="an integer or null") as err:
+        resolve_sampling({"top_k": "many"}, trained, True)
+    assert err.value.field == "sampling.top_k"
 
 
 def test_sampling_is_seeded():

@@ -14,14 +14,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from dalle_lightning.checkpoints import file_sha256
 from dalle_lightning.config import ConfigError
-from dalle_lightning.data.datamodule import ShapesDataModule, collate_image_text
-from dalle_lightning.data.file_datamodules import CocoDataModule
+from dalle_lightning.data.coco import CocoDataModule
+from dalle_lightning.data.datamodule import collate_image_text
+from dalle_lightning.data.shapes import ShapesDataModule
 from dalle_lightning.data.shards import encode_shards, main, write_shards
-from dalle_lightning.data.token_cache import encode_dataset, file_sha256
+from dalle_lightning.data.token_cache import encode_dataset
 from dalle_lightning.data.web_datamodule import WebDataModule
 from dalle_lightning.models.dvae import DVAE
-from dalle_lightning.training import train
+from dalle_lightning.train import train
 from tests.conftest import run_script
 from tests.test_dalle_train import NET
 from tests.test_file_datasets import COCO_MINI, needs_coco

@@ -28,7 +28,7 @@ import torch
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import kl_to_uniform, logit_laplace_nll, prior_loss
-from dalle_lightning.sampling.generate import sample_codes
+from dalle_lightning.sampling.sampler import sample_codes
 
 PARTS = ("prior_train", "generate", "dvae_train", "dvae_encode")
 

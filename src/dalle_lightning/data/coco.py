@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from dalle_lightning.config import require
-from dalle_lightning.data.captioned_images import CaptionedImage
+from dalle_lightning.data.captioned_images import CaptionedImage, CaptionedImagesDataModule
 
 COCO_SPLITS = ("train", "val")
 COCO_YEARS = (2014, 2017)
@@ -40,3 +40,18 @@ def read_coco(root: str | Path, split: str, year: int = 2017) -> list[CaptionedI
         CaptionedImage(image_dir / image["file_name"], tuple(captions.get(image["id"], ())))
         for image in data["images"]
     ]
+
+
+class CocoDataModule(CaptionedImagesDataModule):
+    """train: captions_train<year>; val and test: captions_val<year> (COCO has no public test
+    captions; the paper reports on val)."""
+
+    def __init__(self, root: str, year: int = 2017, **kwargs):
+        super().__init__(root, **kwargs)
+        self.year = year
+
+    def read(self, source: str) -> list[CaptionedImage]:
+        return read_coco(self.root, source, self.year)
+
+    def identity(self) -> dict:
+        return {"dataset": "coco", "year": self.year, **super().identity()}

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dalle_lightning.config import require
-from dalle_lightning.data.captioned_images import CaptionedImage
+from dalle_lightning.data.captioned_images import CaptionedImage, CaptionedImagesDataModule
 
 CUB_SPLITS = ("train", "test")
 CLASS_SPLITS = ("text_to_image", "official")
@@ -57,3 +57,19 @@ def read_cub(
         read = text.read_text(encoding="utf-8", errors="surrogateescape") if text.is_file() else ""
         items.append(CaptionedImage(root / "images" / relative, tuple(read.splitlines())))
     return items
+
+
+class CubDataModule(CaptionedImagesDataModule):
+    """train: the training classes; val and test: the test classes (`class_split`)."""
+
+    eval_source = "test"
+
+    def __init__(self, root: str, class_split: str = "text_to_image", **kwargs):
+        super().__init__(root, **kwargs)
+        self.class_split = class_split
+
+    def read(self, source: str) -> list[CaptionedImage]:
+        return read_cub(self.root, source, self.class_split)
+
+    def identity(self) -> dict:
+        return {"dataset": "cub", "class_split": self.class_split, **super().identity()}

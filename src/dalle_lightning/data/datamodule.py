@@ -1,11 +1,11 @@
-"""LightningDataModules: the image-caption batch format every stage reads.
+"""The image-caption LightningDataModule every dataset builds on, and the batch format every
+stage reads (datasets: `shapes.py`, `coco.py`, `cub.py`, `folder.py`, `web_datamodule.py`).
 
 Batch: {"image": (B, 3, S, S) float in [0, 1], "caption": list[str], "record": list[dict]}.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dalle_lightning.config import require_int
 from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws, run_seed
-from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset
 
 
 def collate_image_text(items: list[dict]) -> dict:
@@ -127,41 +126,3 @@ def batches_trained(datamodule: LightningDataModule) -> int:
     """Batches of the current epoch that training has taken (0 outside `trainer.fit`)."""
     trainer = datamodule.trainer
     return trainer.fit_loop.epoch_loop.batch_progress.current.ready if trainer else 0
-
-
-class ShapesDataModule(ImageTextDataModule):
-    """The built-in captioned shapes (no files, no download); see `shapes.py`."""
-
-    def __init__(
-        self,
-        image_size: int = 64,
-        seed: int = 0,
-        heldout_fraction: float = 0.15,
-        two_object_prob: float = 0.5,
-        size_mention_prob: float = 0.7,
-        num_train: int = 50_000,
-        num_val: int = 512,
-        num_test: int = 512,
-        num_heldout: int = 512,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-    ):
-        super().__init__(batch_size, eval_batch_size, num_workers)
-        self.config = ShapesConfig(
-            image_size, seed, heldout_fraction, two_object_prob, size_mention_prob
-        )
-        self.lengths = {
-            "train": num_train,
-            "val": num_val,
-            "test": num_test,
-            "heldout": num_heldout,
-        }
-        for split, n in self.lengths.items():
-            require_int(f"num_{split}", n, 1)
-
-    def identity(self) -> dict:
-        return {"dataset": "shapes", **asdict(self.config), "lengths": self.lengths}
-
-    def build_datasets(self) -> dict[str, Dataset]:
-        return {split: ShapesDataset(self.config, split, n) for split, n in self.lengths.items()}

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from dalle_lightning.config import require
-from dalle_lightning.data.captioned_images import CaptionedImage
+from dalle_lightning.data.captioned_images import CaptionedImage, CaptionedImagesDataModule
 
 
 def read_folder(root: str | Path, captions_file: str = "captions.jsonl") -> list[CaptionedImage]:
@@ -44,3 +44,34 @@ def read_folder(root: str | Path, captions_file: str = "captions.jsonl") -> list
         captions = [captions] if isinstance(captions, str) else captions
         items.append(CaptionedImage(root / str(image), tuple(str(c) for c in captions)))
     return items
+
+
+class FolderDataModule(CaptionedImagesDataModule):
+    """One captions file: its last `val_fraction` of images (at least one) are val and test,
+    the rest train."""
+
+    def __init__(
+        self, root: str, captions_file: str = "captions.jsonl", val_fraction: float = 0.05, **kw
+    ):
+        super().__init__(root, **kw)
+        require(0 < val_fraction < 1, "dataset.val_fraction", val_fraction, "in (0, 1)")
+        self.captions_file, self.val_fraction = captions_file, val_fraction
+
+    def read(self, source: str) -> list[CaptionedImage]:
+        everything = read_folder(self.root, self.captions_file)
+        n_val = max(1, round(self.val_fraction * len(everything)))
+        require(
+            len(everything) > n_val,
+            "dataset.root",
+            str(self.root),
+            f"at least 2 captioned images (found {len(everything)})",
+        )
+        return everything[:-n_val] if source == "train" else everything[-n_val:]
+
+    def identity(self) -> dict:
+        return {
+            "dataset": "folder",
+            "captions_file": self.captions_file,
+            "val_fraction": self.val_fraction,
+            **super().identity(),
+        }

@@ -144,7 +144,7 @@ def audit(
     items: Sequence, max_pixels: int, num_workers: int, what: str, draft: int | None = None
 ) -> tuple[list, dict]:
     """(usable items with cleaned captions, report); items are `CaptionedImage`s. Costs one
-    decode per image (COCO val: ~1.5 ms per JPEG with `draft` at the training size)."""
+    decode per image (JPEGs with `draft` at the training size; cost: docs/reliability.md)."""
     skipped: Counter = Counter()
     converted: Counter = Counter()
     with_captions = []

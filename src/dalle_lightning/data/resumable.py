@@ -76,7 +76,7 @@ class SeededDraws(Dataset):
         index = draw % len(self.dataset)
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: `torch.manual_seed` also seeds every accelerator lazily,
-            # recording a stack trace each time (~0.6 ms per item, 12% of a prior step)
+            # recording a stack trace each time: a large share of a prior step (docs/speed.md)
             torch.default_generator.manual_seed(derived_seed(self.seed, draw))
             return self.dataset[index]
 

@@ -1,8 +1,10 @@
-"""Built-in captioned shapes: images rendered on the fly, deterministic from (seed, split, index).
+"""Built-in captioned shapes (`dataset=shapes`): images rendered on the fly, deterministic from
+(seed, split, index), and their datamodule.
 
 One or two flat-coloured shapes on a black background, with a caption from several templates
 ("a large red circle on the left", "a small blue square above a green triangle") and an
-attribute record: the caption's content in structured form, which `attributes.py` checks
+attribute record: the caption's content in structured form, which
+`evaluation/attribute_checker.py` checks
 against any image (rendered or generated). Attributes the caption leaves out are None in the
 record (a caption without a size says nothing about size).
 
@@ -13,7 +15,7 @@ val or test: the compositional generalisation probe.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from dalle_lightning.config import require, require_float, require_int
+from dalle_lightning.data.datamodule import ImageTextDataModule
 
 BACKGROUND = (0, 0, 0)
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -214,3 +217,41 @@ class ShapesDataset(Dataset):
             a + rng.uniform(-JITTER, JITTER) if a is not None else rng.uniform(0.3, 0.7)
             for a in anchor
         )
+
+
+class ShapesDataModule(ImageTextDataModule):
+    """The built-in captioned shapes (no files, no download): one `ShapesDataset` per split."""
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        seed: int = 0,
+        heldout_fraction: float = 0.15,
+        two_object_prob: float = 0.5,
+        size_mention_prob: float = 0.7,
+        num_train: int = 50_000,
+        num_val: int = 512,
+        num_test: int = 512,
+        num_heldout: int = 512,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        self.config = ShapesConfig(
+            image_size, seed, heldout_fraction, two_object_prob, size_mention_prob
+        )
+        self.lengths = {
+            "train": num_train,
+            "val": num_val,
+            "test": num_test,
+            "heldout": num_heldout,
+        }
+        for split, n in self.lengths.items():
+            require_int(f"num_{split}", n, 1)
+
+    def identity(self) -> dict:
+        return {"dataset": "shapes", **asdict(self.config), "lengths": self.lengths}
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        return {split: ShapesDataset(self.config, split, n) for split, n in self.lengths.items()}

@@ -33,7 +33,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
 
-from dalle_lightning.data.datamodule import ImageTextDataModule, collate_image_text
+from dalle_lightning.data.datamodule import ImageTextDataModule
+from dalle_lightning.data.token_cache import encode_batches
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,6 @@ def write_shards(
     return _per_source(datamodule, splits, Path(out), write)
 
 
-@torch.inference_mode()
 def encode_shards(
     datamodule: ImageTextDataModule,
     dvae,
@@ -152,18 +152,12 @@ def encode_shards(
     batch_size: int = 32,
 ) -> dict[str, dict]:
     """The dVAE codes of every split of `datamodule` as token shards under `out`."""
-    dvae.eval()
-    device = next(dvae.parameters()).device
 
     def samples(split: str):
-        loader = DataLoader(
-            datamodule.cache_dataset(split), batch_size=batch_size, collate_fn=collate_image_text
-        )
         index = 0
-        for batch in loader:
-            codes = dvae.encode(batch["image"].to(device)).to(torch.int16).cpu().numpy()
-            options = batch.get("captions") or [[c] for c in batch["caption"]]
-            for grid, captions in zip(codes, options, strict=True):
+        batches = encode_batches(dvae, datamodule.cache_dataset(split), batch_size)
+        for codes, firsts, every in batches:
+            for grid, captions in zip(codes.numpy(), every or [[c] for c in firsts], strict=True):
                 buffer = io.BytesIO()
                 np.save(buffer, grid)
                 yield {
@@ -201,7 +195,7 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from dalle_lightning.resume import register_resolvers
+    from dalle_lightning.runs import register_resolvers
 
     register_resolvers()
     conf = Path(__file__).resolve().parents[3] / "conf"
@@ -212,8 +206,8 @@ def _compose(overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dalle_lightning.checkpoints import file_sha256
     from dalle_lightning.cli import exit_on_user_error
-    from dalle_lightning.data.token_cache import file_sha256
     from dalle_lightning.instantiate import build
     from dalle_lightning.models.dvae import DVAE
 
@@ -239,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "write":
             write_shards(datamodule, args.out, args.splits, args.maxcount or 1000, args.num_workers)
         else:
-            dvae = DVAE.from_checkpoint(args.dvae)
+            dvae = DVAE.from_checkpoint(args.dvae, field="--dvae")
             sha = file_sha256(args.dvae)
             encode_shards(datamodule, dvae, sha, args.out, args.splits, args.maxcount or 10000)
     return 0

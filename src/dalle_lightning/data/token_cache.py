@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,14 +30,6 @@ from dalle_lightning.text.tokenizer import BPETokenizer
 log = logging.getLogger(__name__)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_file(cache_dir: str | Path, name: str, key: dict) -> Path:
     """<cache_dir>/<name>-<hash of key>.pt"""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -44,24 +37,34 @@ def cache_file(cache_dir: str | Path, name: str, key: dict) -> Path:
 
 
 @torch.inference_mode()
-def encode_dataset(dvae: ImageTokenizer, dataset: Dataset, batch_size: int = 16) -> dict:
-    """{"codes": (n, h, w) int16 argmax codes, "captions": list[str]} in dataset order, plus
-    "all_captions" (list of lists) when the items carry several captions per image.
+def encode_batches(
+    dvae: ImageTokenizer, dataset: Dataset, batch_size: int = 16
+) -> Iterator[tuple[Tensor, list[str], list[list[str]] | None]]:
+    """(codes (b, h, w) int16 argmax codes, first captions, every caption of each image or
+    None) per batch of `dataset`, in order: what the token cache and token shards hold.
 
-    channels_last and small batches: ~4x the images per second of contiguous batches of 128
-    on CPU (measured at 64 px). The dVAE is switched to channels_last in place."""
+    channels_last and small batches: several times the images per second of contiguous
+    batches of 128 on CPU (docs/speed.md). The dVAE is switched to channels_last in place."""
     dvae.eval()
     dvae.to(memory_format=torch.channels_last)
     device = next(dvae.parameters()).device
-    codes: list[Tensor] = []
-    captions: list[str] = []
-    all_captions: list[list[str]] = []
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_image_text)
     for batch in loader:
         images = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
-        codes.append(dvae.encode(images).to(torch.int16).cpu())
-        captions.extend(batch["caption"])
-        all_captions.extend(batch.get("captions", []))
+        codes = dvae.encode(images).to(torch.int16).cpu()
+        yield codes, batch["caption"], batch.get("captions")
+
+
+def encode_dataset(dvae: ImageTokenizer, dataset: Dataset, batch_size: int = 16) -> dict:
+    """{"codes": (n, h, w) int16 argmax codes, "captions": list[str]} in dataset order, plus
+    "all_captions" (list of lists) when the items carry several captions per image."""
+    codes: list[Tensor] = []
+    captions: list[str] = []
+    all_captions: list[list[str]] = []
+    for batch_codes, firsts, every in encode_batches(dvae, dataset, batch_size):
+        codes.append(batch_codes)
+        captions.extend(firsts)
+        all_captions.extend(every or [])
     tokens = {"codes": torch.cat(codes), "captions": captions}
     if all_captions:
         tokens["all_captions"] = all_captions

@@ -7,6 +7,7 @@ BPE-dropout applies to the training loader only.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -14,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dalle_lightning.data.datamodule import ImageTextDataModule
 from dalle_lightning.data.token_cache import load_or_encode, load_or_train_tokenizer
-from dalle_lightning.models.dvae import DVAE
-from dalle_lightning.text.tokenizer import BPETokenizer
+from dalle_lightning.models.image_tokenizer import ImageTokenizer
+from dalle_lightning.text.tokenizer import BPETokenizer, TextConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +56,22 @@ class TokenCollate:
 
 
 class TokenDataModule(LightningDataModule):
+    """The token cache of `dvae` (whose checkpoint file has sha256 `dvae_sha256`) over the
+    images and captions of `images`, with `text`'s BPE tokenizer (learned from the training
+    captions in `prepare_data` unless given)."""
+
     def __init__(
         self,
         images: ImageTextDataModule,
-        dvae: DVAE,
+        dvae: ImageTokenizer,
         dvae_sha256: str,
-        cache_dir: str,
-        vocab_size: int,
-        text_seq_len: int,
-        bpe_dropout: float = 0.1,
+        cache_dir: str | Path,
+        text: TextConfig = TextConfig(),
         tokenizer: BPETokenizer | None = None,
     ):
         super().__init__()
         self.images, self.dvae, self.dvae_sha256 = images, dvae, dvae_sha256
-        self.cache_dir, self.vocab_size, self.text_seq_len = cache_dir, vocab_size, text_seq_len
-        self.bpe_dropout = bpe_dropout
+        self.cache_dir, self.text = cache_dir, text
         self.tokenizer = tokenizer
         self.tokens: dict[str, dict] = {}
         self._truncation_reported = False
@@ -109,7 +111,11 @@ class TokenDataModule(LightningDataModule):
             captions = [c for options in tokens["all_captions"] for c in options]
         if self.tokenizer is None:
             self.tokenizer = load_or_train_tokenizer(
-                captions, self.images.identity(), self.vocab_size, self.text_seq_len, self.cache_dir
+                captions,
+                self.images.identity(),
+                self.text.vocab_size,
+                self.text.text_seq_len,
+                self.cache_dir,
             )
         if self._truncation_reported:  # Lightning calls setup again for test: report once
             return
@@ -122,11 +128,11 @@ class TokenDataModule(LightningDataModule):
                 long,
                 total,
                 100 * long / total,
-                self.text_seq_len,
+                self.text.text_seq_len,
             )
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        collate = TokenCollate(self.tokenizer, self.bpe_dropout if train else 0.0)
+        collate = TokenCollate(self.tokenizer, self.text.bpe_dropout if train else 0.0)
         dataset = TokenDataset(self.split_tokens(split), random_caption=train)
         return self.images.make_loader(dataset, train, collate, owner=self)
 

@@ -97,3 +97,7 @@ class EvalTransform:
         image = _resize(image, (new_w, new_h))
         left, top = (new_w - res) // 2, (new_h - res) // 2
         return _to_tensor(image.crop((left, top, left + res, top + res)))
+
+
+# `dataset.train_transform`: the training split's preprocessing by name
+TRANSFORMS = {"dvae": DVAETransform, "prior": PriorTransform, "eval": EvalTransform}

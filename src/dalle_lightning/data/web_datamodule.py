@@ -35,11 +35,10 @@ from dalle_lightning.data.datamodule import (
     collate_image_text,
     rank_and_world,
 )
-from dalle_lightning.data.file_datamodules import TRANSFORMS
 from dalle_lightning.data.quality import BadImage, decode_rgb
 from dalle_lightning.data.resumable import run_seed
 from dalle_lightning.data.shards import IMAGE_EXTENSIONS, read_manifest, read_token_shards
-from dalle_lightning.data.transforms import EvalTransform
+from dalle_lightning.data.transforms import TRANSFORMS, EvalTransform
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 For `num_captions` captions of the `test` split (only (colour, shape) pairs seen in training)
 and of the `heldout` split (pairs never seen), one image is generated per caption (best-of-1)
-and scored by the pixel-level attribute checker (`data/attributes.py`). Two references are
+and scored by the pixel-level attribute checker (`attribute_checker.py`). Two references are
 scored the same way: the real images (the checker's own agreement, 100% on shapes) and the
 real images passed through the dVAE (encode, decode): the most a prior can reach with this
 dVAE. Writes metrics.json and one grid per split (real / dVAE reconstruction / generated).
@@ -11,18 +11,16 @@ dVAE. Writes metrics.json and one grid per split (real / dVAE reconstruction / g
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
-from dalle_lightning.config import require, require_int
-from dalle_lightning.data.attributes import check_attributes
-from dalle_lightning.instantiate import build
+from dalle_lightning.config import require
+from dalle_lightning.data.datamodule import ImageTextDataModule
+from dalle_lightning.evaluation.attribute_checker import check_attributes
 from dalle_lightning.models.dalle import DALLE
-from dalle_lightning.run_summary import run_header, write_metrics
+from dalle_lightning.sampling.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +46,24 @@ def score(images: torch.Tensor, records: list[dict]) -> dict:
     return {"accuracy": matches / len(records), "per_attribute": rates}
 
 
-def attribute_accuracy(cfg: DictConfig, model: DALLE, ckpt_path: str) -> dict:
-    started = time.time()
-    n = cfg.num_captions
-    require_int("num_captions", n, 1)
-    datamodule = build(cfg.dataset, "dataset")
-    datamodule.setup()
+def attribute_accuracy(
+    model: DALLE,
+    datamodule: ImageTextDataModule,
+    num_captions: int,
+    sampling: SamplingConfig,
+    seed: int,
+    out_dir: Path,
+) -> dict:
+    """{"seen": ..., "heldout": ...}: per split the accuracy of the generated images, of the
+    dVAE's reconstructions and of the real images; one grid per split in `out_dir`."""
+    n = num_captions
     require(
         all(split in datamodule.datasets for split in SPLITS.values()),
         "dataset",
-        cfg.dataset.get("_target_"),
+        type(datamodule).__name__,
         "the built-in shapes (task=attributes needs its attribute records)",
     )
-    require(
-        cfg.dataset.image_size == model.dvae.config.image_size,
-        "dataset.image_size",
-        cfg.dataset.image_size,
-        f"the dVAE's image size, {model.dvae.config.image_size}",
-    )
     device = model.dvae.decoder.blocks.input.weight.device
-    sampling = dict(cfg.sampling)
-    out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     for name, split in SPLITS.items():
@@ -81,7 +76,7 @@ def attribute_accuracy(cfg: DictConfig, model: DALLE, ckpt_path: str) -> dict:
             codes = model.dvae.encode(real.to(device))
             reconstructed = model.dvae.decode(codes).float().cpu()
         log.info("generating %d images for %s captions", n, name)
-        generated = model.generate(captions, 1, seed=cfg.seed, **sampling).cpu()
+        generated = model.generate(captions, 1, seed=seed, sampling=sampling).cpu()
         results[name] = {
             "split": split,
             "num_captions": n,
@@ -100,12 +95,13 @@ def attribute_accuracy(cfg: DictConfig, model: DALLE, ckpt_path: str) -> dict:
             100 * results[name]["dvae_reconstruction"]["accuracy"],
             100 * results[name]["real"]["accuracy"],
         )
-    summary = run_header(cfg, time.time() - started)
-    summary.update(checkpoints={"evaluated": str(ckpt_path)}, sampling=sampling, attributes=results)
-    summary["metrics"] = {
+    return results
+
+
+def flat_metrics(results: dict) -> dict:
+    """metrics.json's flat view: <seen|heldout>/<generated|dvae_reconstruction|real>_accuracy."""
+    return {
         f"{name}/{kind}_accuracy": results[name][kind]["accuracy"]
         for name in SPLITS
         for kind in ("generated", "dvae_reconstruction", "real")
     }
-    write_metrics(out_dir / "metrics.json", summary)
-    return summary

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dalle_lightning.evaluation.fidelity import save_images
 from dalle_lightning.models.dalle import DALLE
+from dalle_lightning.sampling.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def generate_pool(
     folder: Path,
     seed: int,
     split: str,
-    sampling: dict,
+    sampling: SamplingConfig,
     batch_size: int,
 ) -> dict:
     """Make every missing candidate of `captions`; {"generated", "reused"} image counts."""
@@ -83,8 +84,8 @@ def generate_pool(
             captions[start:stop],
             n,
             seed=chunk_seed(seed, split, chunk),
+            sampling=sampling,
             batch_size=(stop - start) * n,
-            **sampling,
         )
         names = [candidate_name(i, j) for i in range(start, stop) for j in range(n)]
         save_images(images, folder, names=names)

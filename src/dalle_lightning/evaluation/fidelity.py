@@ -19,7 +19,7 @@ import torch_fidelity
 from PIL import Image, ImageFilter
 from torch import Tensor
 
-from dalle_lightning.data.token_cache import file_sha256
+from dalle_lightning.checkpoints import file_sha256
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 

@@ -1,7 +1,8 @@
 """`python evaluate.py [task=metrics]`: FID and IS over CLIP rerank counts and blur radii
 (Ramesh et al., 2021, sec. 3.1-3.2, Fig. 9), the protocol pinned and recorded.
 
-For each evaluation split (`splits`; shapes: seen `test` and held-out `heldout` pairs):
+For each evaluation split (`ProtocolConfig.splits`; shapes: seen `test` and held-out
+`heldout` pairs):
 1. `num_captions` distinct captions drawn with `seed` (`candidates.sample_captions`);
 2. the split's real images of those captions, as the dataset's eval transform gives them
    (resize the short side, centre crop to the model's resolution), written as PNGs;
@@ -11,7 +12,7 @@ For each evaluation split (`splits`; shapes: seen `test` and held-out `heldout` 
    the best of the first k (`sampling/rerank.best_of_k`): the sweep costs one generation;
 5. FID and IS (torch-fidelity) of each best-of-k set against the real images, both blurred
    with each radius of `blur_radii`; on shapes also the attribute-checker accuracy;
-6. results.json/csv/md, fid_vs_rerank.png, fid_vs_blur.png, samples_<split>.png, metrics.json.
+6. results.json/csv/md, fid_vs_rerank.png, fid_vs_blur.png, samples_<split>.png.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ import hashlib
 import json
 import logging
 import shutil
-import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch_fidelity
-from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from dalle_lightning.config import require, require_bool, require_int
-from dalle_lightning.data.token_cache import file_sha256
+from dalle_lightning.checkpoints import file_sha256
+from dalle_lightning.config import require, require_int
+from dalle_lightning.data.datamodule import ImageTextDataModule
 from dalle_lightning.evaluation.attribute_accuracy import score as attribute_score
 from dalle_lightning.evaluation.candidates import candidate_paths, generate_pool, sample_captions
 from dalle_lightning.evaluation.fidelity import (
@@ -41,51 +43,164 @@ from dalle_lightning.evaluation.fidelity import (
     weights_record,
 )
 from dalle_lightning.evaluation.report import write_report
-from dalle_lightning.generating import load_dalle
-from dalle_lightning.instantiate import build
-from dalle_lightning.run_summary import run_header, write_metrics
-from dalle_lightning.sampling.rerank import best_of_k
+from dalle_lightning.models.dalle import DALLE
+from dalle_lightning.sampling.rerank import Reranker, best_of_k
+from dalle_lightning.sampling.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
 
 
-def check_protocol(cfg: DictConfig) -> None:
-    counts, radii = list(cfg.rerank_counts), list(cfg.blur_radii)
-    require(
-        counts and all(isinstance(k, int) and k >= 1 for k in counts),
-        "rerank_counts",
-        counts,
-        "a non-empty list of integers >= 1, e.g. [1,2,4,8,16]",
-    )
-    require(
-        radii and all(isinstance(r, (int, float)) and r >= 0 for r in radii),
-        "blur_radii",
-        radii,
-        "a non-empty list of numbers >= 0, e.g. [0,1,2,4,8]",
-    )
-    if cfg.num_captions is not None:
-        require_int("num_captions", cfg.num_captions, 2)  # FID needs two images
-    require(
-        len(cfg.splits) > 0 and all(isinstance(s, str) for s in cfg.splits),
-        "splits",
-        cfg.splits,
-        "a non-empty list of split names",
-    )
-    require_int("sampling.batch_size", cfg.sampling.batch_size, 1)
-    require_int("isc_splits", cfg.isc_splits, 1)
-    require_bool("fidelity", cfg.fidelity)
-    if cfg.inception_weights is not None:
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """What an evaluation measures: the top-level keys of conf/evaluate.yaml, with per-dataset
+    defaults for `splits` and `num_captions` in conf/protocol/<dataset>.yaml."""
+
+    splits: tuple[str, ...] = ("test",)
+    num_captions: int | None = None  # distinct captions per split; null: all of them
+    rerank_counts: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # best-of-k (paper: up to 512)
+    blur_radii: tuple[int | float, ...] = (0, 1, 2, 4, 8)  # Gaussian blur, real and generated alike
+    fidelity: bool = True  # false: CLIP score and attribute accuracy only (no FID/IS)
+    inception_weights: str | None = None  # a local torch-fidelity Inception file
+    isc_splits: int = 10  # Inception Score splits (fewer if there are fewer images)
+
+    def __post_init__(self) -> None:
+        counts, radii, splits = list(self.rerank_counts), list(self.blur_radii), list(self.splits)
         require(
-            Path(cfg.inception_weights).is_file(),
-            "inception_weights",
-            cfg.inception_weights,
-            "an existing torch-fidelity Inception weights file (or null: torch-fidelity "
-            "downloads its own)",
+            counts and all(isinstance(k, int) and k >= 1 for k in counts),
+            "rerank_counts",
+            counts,
+            "a non-empty list of integers >= 1, e.g. [1,2,4,8,16]",
         )
+        require(
+            radii and all(isinstance(r, (int, float)) and r >= 0 for r in radii),
+            "blur_radii",
+            radii,
+            "a non-empty list of numbers >= 0, e.g. [0,1,2,4,8]",
+        )
+        if self.num_captions is not None:
+            require_int("num_captions", self.num_captions, 2)  # FID needs two images
+        require(
+            len(splits) > 0 and all(isinstance(s, str) for s in splits),
+            "splits",
+            splits,
+            "a non-empty list of split names",
+        )
+        require_int("isc_splits", self.isc_splits, 1)
+        if self.inception_weights is not None:
+            require(
+                Path(self.inception_weights).is_file(),
+                "inception_weights",
+                self.inception_weights,
+                "an existing torch-fidelity Inception weights file (or null: torch-fidelity "
+                "downloads its own)",
+            )
+        for name, value in (("splits", splits), ("rerank_counts", counts), ("blur_radii", radii)):
+            object.__setattr__(self, name, tuple(value))
+
+
+class Candidates:
+    """Where one split's evaluation keeps its files: the shared pool (candidates, real images,
+    Inception features of the real images) and this run's chosen images."""
+
+    def __init__(self, pool: Path, out_dir: Path, split: str):
+        self.pool, self.split_dir = pool, out_dir / split
+        self.real = pool / "real"
+
+    def chosen(self, k: int) -> Path:
+        return self.split_dir / f"best_of_{k}"
+
+
+def evaluate_split(
+    protocol: ProtocolConfig,
+    sampling: SamplingConfig,
+    batch_size: int,
+    seed: int,
+    model: DALLE,
+    reranker: Reranker,
+    datamodule: ImageTextDataModule,
+    split: str,
+    pool_key: dict,
+    log_dir: Path,
+    out_dir: Path,
+) -> dict:
+    """{"rows": one per (k, blur radius), "info": what was generated and where} of one split."""
+    dataset = datamodule.datasets[split]
+    pairs = sample_captions(dataset, protocol.num_captions, seed)
+    captions = [c for _, c in pairs]
+    n = max(protocol.rerank_counts)
+    key = {**pool_key, "split": split, "candidates": n}
+    files = Candidates(log_dir / "eval_pools" / _key(key), out_dir, split)
+    files.pool.mkdir(parents=True, exist_ok=True)
+    (files.pool / "key.json").write_text(json.dumps(key, indent=2, default=str) + "\n")
+    (files.pool / "captions.json").write_text(
+        json.dumps(pairs, indent=0) + "\n"
+    )  # [image, caption]
+
+    real_images = _write_real_images(dataset, pairs, files.real, split)
+    counts = generate_pool(
+        model, captions, n, files.pool / "candidates", seed, split, sampling, batch_size
+    )
+    paths = candidate_paths(files.pool / "candidates", len(captions), n)
+    scores = _rerank(reranker, paths, captions, split)
+    chosen = best_of_k(scores, list(protocol.rerank_counts))
+
+    records = None
+    if "record" in dataset[pairs[0][0]]:  # the built-in shapes: attribute records
+        records = [dataset[i]["record"] for i, _ in pairs]
+    per_k, sample_rows = {}, []
+    for k, index in chosen.items():
+        images = load_images(_copy_chosen(paths, index, files.chosen(k)))
+        sample_rows.append(images[:8])
+        per_k[k] = {
+            "clip_score": float(scores.gather(1, index[:, None]).mean()),
+            "attribute_accuracy": attribute_score(images, records)["accuracy"] if records else None,
+        }
+    _save_samples(out_dir, split, sample_rows, list(chosen), captions)
+
+    info = {
+        "captions": len(captions),
+        "real_images": real_images,
+        "candidates_per_caption": n,
+        "images_in_pool": len(captions) * n,
+        **{f"images_{what}_this_run": c for what, c in counts.items()},
+        "pool": str(files.pool),
+    }
+    if not protocol.fidelity:
+        rows = [{"split": split, "k": k, "blur_radius": None, **per_k[k]} for k in chosen]
+        return {"rows": rows, "info": info}
+    return {
+        "rows": _fidelity_rows(protocol, files, split, chosen, per_k, len(captions)),
+        "info": info,
+    }
 
 
 def _key(value: dict) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_real_images(dataset: Dataset, pairs: list, folder: Path, split: str) -> int:
+    """Each real image of the captions once, as PNG (kept in the pool); their number."""
+    unique = list(dict.fromkeys(i for i, _ in pairs))
+    if len(list(folder.glob("*.png"))) != len(unique):
+        log.info("%s: writing %d real images", split, len(unique))
+        for start in range(0, len(unique), 64):
+            idx = unique[start : start + 64]
+            images = torch.stack([dataset[i]["image"] for i in idx])
+            save_images(images, folder, names=[f"{i:06d}" for i in idx])
+    return len(unique)
+
+
+def _rerank(reranker: Reranker, paths: list[list[Path]], captions: list[str], split: str):
+    """(captions, N) reranker scores of every candidate, read back from its PNG."""
+    n = len(paths[0])
+    scores = torch.empty(len(captions), n)
+    rows_per_batch = max(1, 256 // n)
+    for start in tqdm(range(0, len(captions), rows_per_batch), desc=f"{split}: reranking"):
+        rows = paths[start : start + rows_per_batch]
+        images = load_images([p for row in rows for p in row])
+        texts = [captions[i] for i in range(start, start + len(rows)) for _ in range(n)]
+        scores[start : start + len(rows)] = reranker.score(images, texts).view(len(rows), n)
+    return scores
 
 
 def _copy_chosen(paths: list[list[Path]], chosen: torch.Tensor, folder: Path) -> list[Path]:
@@ -98,105 +213,47 @@ def _copy_chosen(paths: list[list[Path]], chosen: torch.Tensor, folder: Path) ->
     return out
 
 
-def evaluate_split(cfg, model, reranker, datamodule, split: str, ckpt_sha: str) -> dict:
-    dataset = datamodule.datasets[split]
-    pairs = sample_captions(dataset, cfg.num_captions, cfg.seed)
-    captions = [c for _, c in pairs]
-    n = max(cfg.rerank_counts)
-    sampling = {k: v for k, v in cfg.sampling.items() if k != "batch_size"}
-    pool_key = {
-        "dalle_sha256": ckpt_sha,
-        "data": datamodule.identity(),
-        "split": split,
-        "seed": cfg.seed,
-        "num_captions": cfg.num_captions,
-        "candidates": n,
-        "sampling": OmegaConf.to_container(cfg.sampling),
-    }
-    pool = Path(cfg.paths.log_dir) / "eval_pools" / _key(pool_key)
-    pool.mkdir(parents=True, exist_ok=True)
-    (pool / "key.json").write_text(json.dumps(pool_key, indent=2, default=str) + "\n")
-    (pool / "captions.json").write_text(json.dumps(pairs, indent=0) + "\n")  # [image, caption]
-
-    real_dir = pool / "real"
-    unique = list(dict.fromkeys(i for i, _ in pairs))  # each real image once
-    if len(list(real_dir.glob("*.png"))) != len(unique):
-        log.info("%s: writing %d real images", split, len(unique))
-        for start in range(0, len(unique), 64):
-            idx = unique[start : start + 64]
-            images = torch.stack([dataset[i]["image"] for i in idx])
-            save_images(images, real_dir, names=[f"{i:06d}" for i in idx])
-
-    counts = generate_pool(
-        model, captions, n, pool / "candidates", cfg.seed, split, sampling, cfg.sampling.batch_size
-    )
-    paths = candidate_paths(pool / "candidates", len(captions), n)
-    scores = torch.empty(len(captions), n)
-    rows_per_batch = max(1, 256 // n)
-    for start in tqdm(range(0, len(captions), rows_per_batch), desc=f"{split}: reranking"):
-        rows = paths[start : start + rows_per_batch]
-        images = load_images([p for row in rows for p in row])
-        texts = [captions[i] for i in range(start, start + len(rows)) for _ in range(n)]
-        scores[start : start + len(rows)] = reranker.score(images, texts).view(len(rows), n)
-    chosen = best_of_k(scores, list(cfg.rerank_counts))
-
-    split_dir = Path(cfg.paths.output_dir) / split
-    records = None
-    if "record" in dataset[pairs[0][0]]:  # the built-in shapes: attribute records
-        records = [dataset[i]["record"] for i, _ in pairs]
-    rows, per_k = [], {}
-    sample_rows = []
-    for k, index in chosen.items():
-        best = _copy_chosen(paths, index, split_dir / f"best_of_{k}")
-        images = load_images(best)
-        sample_rows.append(images[:8])
-        per_k[k] = {
-            "clip_score": float(scores.gather(1, index[:, None]).mean()),
-            "attribute_accuracy": attribute_score(images, records)["accuracy"] if records else None,
-        }
-    save_image(
-        make_grid(torch.cat(sample_rows), nrow=min(8, len(captions)), pad_value=0.5),
-        Path(cfg.paths.output_dir) / f"samples_{split}.png",
-    )
-    (Path(cfg.paths.output_dir) / f"samples_{split}.txt").write_text(
-        "rows: best of k = " + ", ".join(map(str, chosen)) + "\n" + "\n".join(captions[:8]) + "\n"
+def _save_samples(out_dir: Path, split: str, rows: list, counts: list, captions: list) -> None:
+    """samples_<split>.png: the first 8 captions' chosen images, one row per k."""
+    grid = make_grid(torch.cat(rows), nrow=min(8, len(captions)), pad_value=0.5)
+    save_image(grid, out_dir / f"samples_{split}.png")
+    (out_dir / f"samples_{split}.txt").write_text(
+        "rows: best of k = " + ", ".join(map(str, counts)) + "\n" + "\n".join(captions[:8]) + "\n"
     )
 
-    info = {
-        "captions": len(captions),
-        "real_images": len(unique),
-        "candidates_per_caption": n,
-        "images_in_pool": len(captions) * n,
-        **{f"images_{what}_this_run": c for what, c in counts.items()},
-        "pool": str(pool),
-    }
-    if not cfg.fidelity:
-        rows = [{"split": split, "k": k, "blur_radius": None, **per_k[k]} for k in chosen]
-        return {"rows": rows, "info": info}
-    weights = cfg.inception_weights
+
+def _fidelity_rows(
+    protocol: ProtocolConfig,
+    files: Candidates,
+    split: str,
+    chosen: dict,
+    per_k: dict,
+    num_captions: int,
+) -> list[dict]:
+    """FID and IS of every best-of-k set against the real images, both blurred alike."""
+    weights = protocol.inception_weights
     weights_tag = file_sha256(weights)[:12] if weights else "download"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    jobs = [(r, k) for r in cfg.blur_radii for k in chosen]
+    rows = []
+    jobs = [(r, k) for r in protocol.blur_radii for k in chosen]
     for radius, k in tqdm(jobs, desc=f"{split}: FID/IS"):
-        real = (
-            real_dir if radius == 0 else blur_folder(real_dir, pool / f"real_blur{radius}", radius)
-        )
-        fake = split_dir / f"best_of_{k}"
+        real, fake = files.real, files.chosen(k)
         if radius:
-            fake = blur_folder(fake, split_dir / f"best_of_{k}_blur{radius}", radius)
+            real = blur_folder(real, files.pool / f"real_blur{radius}", radius)
+            fake = blur_folder(fake, files.split_dir / f"best_of_{k}_blur{radius}", radius)
         metrics = fid_and_is(
             fake,
             real,
             inception_weights=weights,
             device=device,
-            isc_splits=min(cfg.isc_splits, len(captions)),
-            real_cache=(pool / "fidelity_cache", f"real_blur{radius}_{weights_tag}"),
+            isc_splits=min(protocol.isc_splits, num_captions),
+            real_cache=(files.pool / "fidelity_cache", f"real_blur{radius}_{weights_tag}"),
         )
         rows.append({"split": split, "k": k, "blur_radius": radius, **metrics, **per_k[k]})
-    return {"rows": rows, "info": info}
+    return rows
 
 
-def _flat_metrics(rows: list[dict]) -> dict:
+def flat_metrics(rows: list[dict]) -> dict:
     """metrics.json's flat view: <split>/fid_k<k>_blur<r>, <split>/is_k<k>, <split>/clip_score_k<k>
     and, on shapes, <split>/attribute_accuracy_k<k>."""
     flat = {}
@@ -212,74 +269,66 @@ def _flat_metrics(rows: list[dict]) -> dict:
     return flat
 
 
-def evaluate_metrics(cfg: DictConfig) -> dict:
-    started = time.time()
-    check_protocol(cfg)
-    model, ckpt_path = load_dalle(cfg)
-    datamodule = build(cfg.dataset, "dataset")
-    datamodule.setup()
-    size = model.dvae.config.image_size
-    require(
-        cfg.dataset.image_size == size,
-        "dataset.image_size",
-        cfg.dataset.image_size,
-        f"the model's resolution, {size} (real images are resized to it)",
-    )
-    for split in cfg.splits:
-        require(
-            split in datamodule.datasets,
-            "splits",
-            list(cfg.splits),
-            "splits of this dataset: " + ", ".join(datamodule.datasets),
-        )
-    reranker = build(cfg.reranker, "reranker")
-    trained_on = reranker.describe().get("trained_on")
-    if trained_on is not None and trained_on != datamodule.identity():
-        log.warning(
-            "the reranker was trained on other data (%s) than this evaluation's (%s): train one "
-            "with `python train.py model=clip dataset=...` or use reranker=open_clip",
-            trained_on.get("dataset"),
-            datamodule.identity().get("dataset"),
-        )
+def evaluate_metrics(
+    protocol: ProtocolConfig,
+    sampling: SamplingConfig,
+    batch_size: int,
+    seed: int,
+    model: DALLE,
+    ckpt_path: str,
+    reranker: Reranker,
+    datamodule: ImageTextDataModule,
+    log_dir: Path,
+    out_dir: Path,
+) -> dict:
+    """Every split of `protocol`: the report files in `out_dir` and metrics.json's entries."""
     ckpt_sha = file_sha256(ckpt_path)
-    out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
+    pool_key = {
+        "dalle_sha256": ckpt_sha,
+        "data": datamodule.identity(),
+        "seed": seed,
+        "num_captions": protocol.num_captions,
+        "sampling": {**asdict(sampling), "batch_size": batch_size},
+    }
     rows, info = [], {}
-    for split in cfg.splits:
-        result = evaluate_split(cfg, model, reranker, datamodule, split, ckpt_sha)
+    for split in protocol.splits:
+        result = evaluate_split(
+            protocol, sampling, batch_size, seed, model, reranker, datamodule, split,
+            pool_key, log_dir, out_dir,
+        )  # fmt: skip
         rows += result["rows"]
         info[split] = result["info"]
-    protocol = {
+    size = model.dvae.config.image_size
+    record = {
         "checkpoint": {"path": ckpt_path, "sha256": ckpt_sha},
         "dataset": datamodule.identity(),
-        "splits": list(cfg.splits),
-        "seed": cfg.seed,
-        "num_captions": cfg.num_captions,
+        "splits": list(protocol.splits),
+        "seed": seed,
+        "num_captions": protocol.num_captions,
         "caption_sampling": "distinct captions of the split, random.Random(seed).sample",
         "resize": f"dataset eval transform: short side resized, centre crop to {size} px",
         "image_size": size,
-        "rerank_counts": list(cfg.rerank_counts),
-        "blur_radii": list(cfg.blur_radii),
+        "rerank_counts": list(protocol.rerank_counts),
+        "blur_radii": list(protocol.blur_radii),
         "blur": "PIL GaussianBlur(radius px) on generated and real images alike",
         "reranker": reranker.describe(),
-        "sampling": OmegaConf.to_container(cfg.sampling),
+        "sampling": {**asdict(sampling), "batch_size": batch_size},
         "fid_backend": f"torch-fidelity {torch_fidelity.__version__}",
-        "fidelity": cfg.fidelity,
-        "inception_weights": weights_record(cfg.inception_weights) if cfg.fidelity else None,
-        "isc_splits": cfg.isc_splits,
+        "fidelity": protocol.fidelity,
+        "inception_weights": weights_record(protocol.inception_weights)
+        if protocol.fidelity
+        else None,
+        "isc_splits": protocol.isc_splits,
         "per_split": info,
     }
-    files = write_report(out_dir, rows, protocol)
-    summary = run_header(cfg, time.time() - started)
-    summary.update(
-        checkpoints={"evaluated": ckpt_path},
-        protocol=protocol,
-        files={k: str(v) for k, v in files.items()},
-        metrics=_flat_metrics(rows),
-    )
-    write_metrics(out_dir / "metrics.json", summary)
+    files = write_report(out_dir, rows, record)
     print(files["md"].read_text(), flush=True)
     for name, path in files.items():
         log.info("%s: %s", name, path)
-    return summary
+    return {
+        "checkpoints": {"evaluated": ckpt_path},
+        "protocol": record,
+        "files": {k: str(v) for k, v in files.items()},
+        "metrics": flat_metrics(rows),
+    }

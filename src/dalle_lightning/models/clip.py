@@ -20,18 +20,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_lightning.config import require_int
+from dalle_lightning.config import require, require_int
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
 @dataclass(frozen=True)
 class ClipConfig:
+    """Sizes of the in-project CLIP (conf/model/clip.yaml's `net`)."""
+
+    DERIVED: ClassVar[str] = "text_vocab is model.vocab_size, the BPE tokenizer's"
+
     text_vocab: int = 512  # BPE ids; the embedding also holds text_seq_len pad ids
     text_seq_len: int = 32
     text_dim: int = 128
@@ -47,11 +52,20 @@ class ClipConfig:
             require_int(name, getattr(self, name), 1)
         for name in ("image_size", "pool", "embed_dim"):
             require_int(name, getattr(self, name), 1)
-        if self.text_dim % self.text_heads:
-            raise ValueError(f"text_dim={self.text_dim} must be a multiple of text_heads")
-        if not self.image_channels or any(c < 1 for c in self.image_channels):
-            raise ValueError(f"image_channels={self.image_channels}: positive integers")
-        object.__setattr__(self, "image_channels", tuple(self.image_channels))
+        require(
+            self.text_dim % self.text_heads == 0,
+            "text_dim",
+            self.text_dim,
+            f"a multiple of text_heads={self.text_heads}",
+        )
+        channels = tuple(self.image_channels)
+        require(
+            len(channels) > 0 and all(isinstance(c, int) and c >= 1 for c in channels),
+            "image_channels",
+            list(channels),
+            "a non-empty list of integers >= 1",
+        )
+        object.__setattr__(self, "image_channels", channels)
 
 
 class TextEncoder(nn.Module):

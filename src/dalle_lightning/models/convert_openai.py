@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dalle_lightning.checkpoints import export_dvae
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.image_size,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.export(), args.out)
+    torch.save(export_dvae(model), args.out)
     print(f"wrote {args.out}: {model.config}")
     return args.out
 

@@ -1,23 +1,23 @@
 """DALL-E as used after training: the prior, the dVAE that decodes its tokens, the tokenizer.
 
 `DALLE.from_checkpoint(path)` rebuilds all three from a stage-2 training checkpoint alone
-(it carries `prior_config`, `dvae_config`, the tokenizer and all weights), with
-`torch.load(weights_only=True)`.
+(`checkpoints.read_dalle`: the prior's and the dVAE's configs and weights, the tokenizer, the
+sampling settings it was trained for), with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from dalle_lightning.checkpoint_file import read_checkpoint
+from dalle_lightning.checkpoints import read_dalle
+from dalle_lightning.config import ConfigError
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
-from dalle_lightning.sampling.generate import generate_images
+from dalle_lightning.sampling.sampler import SamplingConfig, generate_images
 from dalle_lightning.text.tokenizer import BPETokenizer
 
 
@@ -27,7 +27,7 @@ class DALLE(nn.Module):
         prior: PriorTransformer,
         dvae: DVAE,
         tokenizer: BPETokenizer | None,
-        sampling: dict | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
         caption_dropout: float = 0.0,
     ):
         """`sampling`: the settings it was trained for (model.sampling), the defaults of
@@ -40,55 +40,44 @@ class DALLE(nn.Module):
                 f" codes, the dVAE makes {dvae.grid_size}^2 from {dvae.vocab_size}"
             )
         self.prior, self.dvae, self.tokenizer = prior, dvae, tokenizer
-        self.sampling, self.caption_dropout = dict(sampling or {}), caption_dropout
+        self.sampling, self.caption_dropout = sampling, caption_dropout
         self.dvae.requires_grad_(False)  # frozen in stage 2 (paper sec. 2.2)
-
-    def checkpoint_extras(self) -> dict:
-        """What `from_checkpoint` needs besides the state_dict."""
-        return {
-            "prior_config": asdict(self.prior.config),
-            "dvae_config": asdict(self.dvae.config),
-            "tokenizer": self.tokenizer.state() if self.tokenizer is not None else None,
-            "sampling": self.sampling,
-            "caption_dropout": self.caption_dropout,
-        }
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, map_location: str | torch.device = "cpu", trusted: bool = False
+        cls,
+        path: str | Path,
+        map_location: str | torch.device = "cpu",
+        trusted: bool = False,
+        field: str = "ckpt_path",
     ) -> DALLE:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"DALL-E checkpoint not found: {path}")
-        ckpt = read_checkpoint(path, "ckpt_path", trusted, map_location=map_location)
-        missing = [k for k in ("prior_config", "dvae_config", "tokenizer") if not ckpt.get(k)]
-        if missing:
-            raise RuntimeError(
-                f"{path} is not a stage-2 checkpoint (no {', '.join(missing)}); "
-                "train one with `python train.py model=dalle`"
-            )
-        prior = PriorTransformer(PriorConfig(**ckpt["prior_config"]))
-        dvae = DVAE(DVAEConfig(**ckpt["dvae_config"]))
-        hparams = ckpt.get("hyper_parameters") or {}  # what checkpoints before "sampling" hold
-        model = cls(
-            prior,
-            dvae,
-            BPETokenizer.from_state(ckpt["tokenizer"]),
-            sampling=ckpt.get("sampling", hparams.get("sampling")),
-            caption_dropout=ckpt.get("caption_dropout", hparams.get("caption_dropout", 0.0)),
-        )
-        state = {
-            k.removeprefix("model."): v
-            for k, v in ckpt["state_dict"].items()
-            if k.startswith("model.")
-        }
-        model.load_state_dict(state, strict=True)
+        """A stage-2 training checkpoint; a file that is not one is a `ConfigError` on `field`."""
+        saved = read_dalle(path, field, trusted, map_location)
+        try:
+            prior = PriorTransformer(PriorConfig(**saved.prior_config))
+            dvae = DVAE(DVAEConfig(**saved.dvae_config))
+            sampling = SamplingConfig(**(saved.sampling or {}))
+        except ConfigError as err:
+            raise ConfigError(
+                field, str(path), f"a checkpoint with valid configs ({err})"
+            ) from None
+        tokenizer = BPETokenizer.from_state(saved.tokenizer)
+        model = cls(prior, dvae, tokenizer, sampling, saved.caption_dropout)
+        model.load_state_dict(saved.state_dict, strict=True)
         return model.eval()
 
-    def generate(self, captions: Sequence[str], num_images: int = 1, **sampling) -> Tensor:
-        """(len(captions) * num_images, C, H, W) in [0, 1]; see `sampling.generate_images`."""
+    def generate(
+        self,
+        captions: Sequence[str],
+        num_images: int = 1,
+        seed: int = 0,
+        sampling: SamplingConfig = SamplingConfig(),
+        batch_size: int = 64,
+    ) -> Tensor:
+        """(len(captions) * num_images, C, H, W) in [0, 1]; `sampling` defaults to the plain
+        sampler (pass `model.sampling` for the settings it was trained for)."""
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer yet: it is trained on the captions at fit start")
         return generate_images(
-            self.prior, self.dvae, self.tokenizer, captions, num_images, **sampling
+            self.prior, self.dvae, self.tokenizer, captions, num_images, sampling, seed, batch_size
         )

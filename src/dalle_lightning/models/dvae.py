@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_lightning.checkpoint_file import read_checkpoint
+from dalle_lightning.checkpoints import read_dvae
 from dalle_lightning.config import ConfigError, require, require_int
 from dalle_lightning.models.fp32 import in_fp32
 
@@ -91,7 +91,7 @@ class DVAEConfig:
 def gumbel_softmax(logits: Tensor, tau: float, hard: bool = False, dim: int = 1) -> Tensor:
     """softmax((logits + g) / tau) with g ~ Gumbel(0, 1), i.i.d.; straight-through if `hard`.
 
-    Same distribution as `F.gumbel_softmax`, whose `exponential_` sampler is ~4x slower on CPU
+    Same distribution as `F.gumbel_softmax`, whose `exponential_` sampler is slower on CPU
     (it dominated the dVAE step at 64 px); g = -log(-log u) with u ~ U(0, 1) instead.
     """
     tiny = torch.finfo(logits.dtype).tiny
@@ -265,33 +265,18 @@ class DVAE(nn.Module):
         stats = self.decoder(z)
         return DVAEOutput(logits, z, stats, self.mean_image(stats))
 
-    # checkpoints
-    def export(self) -> dict:
-        """The minimal, weights_only-loadable form `from_checkpoint` reads."""
-        return {"dvae_config": asdict(self.config), "state_dict": self.state_dict()}
-
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DVAE:
-        """Rebuild from a training checkpoint (Lightning) or an `export()`ed file alone."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"dVAE checkpoint not found: {path}")
+    def from_checkpoint(
+        cls, path: str | Path, map_location: str | torch.device = "cpu", field: str = "ckpt_path"
+    ) -> DVAE:
+        """Rebuild from a dVAE training checkpoint or an exported file alone (`checkpoints.py`);
+        a file that is not one is a `ConfigError` on `field`."""
+        config, state = read_dvae(path, field, map_location)
         try:
-            ckpt = read_checkpoint(path, "dVAE checkpoint", map_location=map_location)
-        except ConfigError as err:  # truncated, not a torch file, or pickled objects
-            raise RuntimeError(str(err)) from None
-        if not isinstance(ckpt, dict) or "dvae_config" not in ckpt or "state_dict" not in ckpt:
-            raise RuntimeError(
-                f"{path} is not a dVAE checkpoint (no 'dvae_config'/'state_dict'); "
-                "train one with `python train.py model=dvae` or convert the official weights "
-                "with `python -m dalle_lightning.models.convert_openai`"
-            )
-        try:
-            model = cls(DVAEConfig(**ckpt["dvae_config"]))
+            model = cls(DVAEConfig(**config))
         except ConfigError as err:
-            raise RuntimeError(f"{path}: stored dVAE config is invalid: {err}") from err
-        state = ckpt["state_dict"]
-        if any(k.startswith("net.") for k in state):  # a LightningModule's checkpoint
-            state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+            raise ConfigError(
+                field, str(path), f"a dVAE whose stored config is valid ({err})"
+            ) from None
         model.load_state_dict(state, strict=True)
         return model.eval()

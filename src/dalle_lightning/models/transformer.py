@@ -1,5 +1,5 @@
 """The prior: a decoder-only transformer over `[text tokens | image tokens]` (Ramesh et al.,
-2021, sec. 2.2 and B.1), plain PyTorch.
+2021, sec. 2.2 and B.1), plain PyTorch with one forward.
 
 Inputs: text ids (B, T) from `text/tokenizer.py` (per-position pad ids included) and image
 codes (B, N) from the dVAE (N = h * w, raster order). The sequence is
@@ -9,9 +9,9 @@ so image slot p predicts code p (see `masks.py`). Pre-LayerNorm blocks; the laye
 follow `attention` (`full` or the paper's `sparse` row/column/conv schedule). Text slots
 predict only text ids, image slots only image ids (two output heads).
 
-Generation runs the prompt once, then one image slot per step against a preallocated
-key/value cache (`KVCache`); `tests/test_transformer.py` checks that cached and uncached
-logits are equal.
+Generation (`sampling/kv_decoder.py`) runs this forward once over the prompt, then one image
+slot per step against a key/value cache; `tests/test_transformer.py` checks that both give
+the teacher-forced logits.
 
 Shape legend: B batch, T text_seq_len, N image tokens, S = T + N, D dim, H heads, E head dim.
 """
@@ -19,7 +19,7 @@ Shape legend: B batch, T text_seq_len, N image tokens, S = T + N, D dim, H heads
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,9 @@ from dalle_lightning.models.fp32 import in_fp32
 from dalle_lightning.models.masks import (
     SCHEDULES,
     attention_mask,
-    first_key,
     flex_block_mask,
     layer_patterns,
 )
-from dalle_lightning.models.packed_linear import PackedLinear
 
 BACKENDS = ("sdpa", "flex")
 
@@ -42,7 +40,12 @@ BACKENDS = ("sdpa", "flex")
 @dataclass(frozen=True)
 class PriorConfig:
     """Sizes of the prior. Paper: dim 3968 (62 heads x 64), depth 64, T 256, vocab 16384,
-    32 x 32 image tokens from 8192 codes. `image_vocab` and `grid_size` come from the dVAE."""
+    32 x 32 image tokens from 8192 codes. conf/model/dalle.yaml's `net` sets the rest."""
+
+    DERIVED: ClassVar[str] = (
+        "image_vocab and grid_size come from the dVAE checkpoint, text_vocab and text_seq_len "
+        "from model.text"
+    )
 
     text_vocab: int = 512  # BPE ids; the embedding also holds text_seq_len pad ids
     text_seq_len: int = 32
@@ -88,23 +91,6 @@ class PriorOutput(NamedTuple):
     image_logits: Tensor  # (B, N, image_vocab): slot p predicts code p
 
 
-class KVCache:
-    """Preallocated keys and values of every layer: (depth, B, H, S, E) each, two views of one
-    (depth, 2, B, H, S, E) buffer so that a decoding step writes both with one copy."""
-
-    def __init__(self, config: PriorConfig, batch: int, device=None, dtype=None):
-        head_dim = config.dim // config.heads
-        shape = (config.depth, 2, batch, config.heads, config.seq_len, head_dim)
-        self.keys_values = torch.zeros(shape, device=device, dtype=dtype)
-        self.keys, self.values = self.keys_values.unbind(1)
-        self.length = 0  # slots filled so far
-        # set by `PriorTransformer.prefill` for `step`: (N, D) row + column embeddings, and each
-        # block's (qkv, proj, mlp in + GELU, mlp out) linears plus the image head, prepacked
-        self.image_positions: Tensor | None = None
-        self.linears: list[tuple[PackedLinear, ...]] = []
-        self.image_head: PackedLinear | None = None
-
-
 class Attention(nn.Module):
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -112,26 +98,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.dim, 3 * config.dim)
         self.proj = nn.Linear(config.dim, config.dim)
 
-    def forward(
-        self, x: Tensor, mask: Tensor, block_mask=None, cache: KVCache | None = None, layer=0
-    ) -> Tensor:
-        """x (B, t, D) at slots [start, start + t), start = cache.length (0 without cache)."""
+    def forward(self, x: Tensor, mask: Tensor, block_mask=None) -> Tensor:
+        """x (B, t, D) at slots [0, t) -> (B, t, D); `mask` (S, S) allowed[query, key]."""
         B, t, D = x.shape
+        # (B, t, 3 * D) -> q, k, v (B, H, t, E); sampling/kv_decoder.py reads k, v in this layout
         q, k, v = self.qkv(x).view(B, t, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            cache.keys[layer, :, :, start : start + t] = k
-            cache.values[layer, :, :, start : start + t] = v
-            k = cache.keys[layer, :, :, : start + t]
-            v = cache.values[layer, :, :, : start + t]
         if block_mask is not None:
             from torch.nn.attention.flex_attention import flex_attention
 
             out = flex_attention(q, k, v, block_mask=block_mask)
         else:
-            allowed = mask[start : start + t, : start + t]  # rows of the new slots
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:t, :t])
         return self.proj(out.transpose(1, 2).reshape(B, t, D))
 
 
@@ -149,8 +126,8 @@ class Block(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, block_mask=None, cache=None, layer=0) -> Tensor:
-        x = x + self.dropout(self.attention(self.norm_1(x), mask, block_mask, cache, layer))
+    def forward(self, x: Tensor, mask: Tensor, block_mask=None) -> Tensor:
+        x = x + self.dropout(self.attention(self.norm_1(x), mask, block_mask))
         return x + self.dropout(self.mlp(self.norm_2(x)))
 
 
@@ -172,7 +149,7 @@ class PriorTransformer(nn.Module):
         for pattern in set(self.patterns):  # not saved: rebuilt from the config
             mask = attention_mask(pattern, c.text_seq_len, c.grid_size, c.conv_kernel)
             self.register_buffer(f"mask_{pattern}", mask, persistent=False)
-        self._derived_masks: dict = {}  # FlexAttention block masks, additive step biases
+        self._block_masks: dict = {}  # FlexAttention block masks, built on first use
         self.reset_parameters()
 
     @property
@@ -215,24 +192,24 @@ class PriorTransformer(nn.Module):
         return torch.cat([soi, codes[:, :-1]], dim=1)
 
     # the stack -----------------------------------------------------------------------------
-    def _mask(self, pattern: str) -> Tensor:
+    def mask(self, pattern: str) -> Tensor:
+        """(S, S) bool allowed[query, key] of the layers with `pattern` (see `masks.py`)."""
         return getattr(self, f"mask_{pattern}")
 
     def _block_mask(self, pattern: str):
-        mask = self._mask(pattern)
+        mask = self.mask(pattern)
         key = (pattern, mask.device)
-        if key not in self._derived_masks:
-            self._derived_masks[key] = flex_block_mask(mask)
-        return self._derived_masks[key]
+        if key not in self._block_masks:
+            self._block_masks[key] = flex_block_mask(mask)
+        return self._block_masks[key]
 
-    def hidden(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        """(B, t, D) embeddings of slots [start, start + t) -> final normed states (B, t, D)."""
-        use_flex = self.config.backend == "flex" and cache is None
-        for layer, (block, pattern) in enumerate(zip(self.blocks, self.patterns, strict=True)):
+    def hidden(self, x: Tensor) -> Tensor:
+        """(B, t, D) embeddings of slots [0, t) -> final normed states (B, t, D). The prompt
+        of generation is t = T + 1 slots; FlexAttention's block masks need all S."""
+        use_flex = self.config.backend == "flex" and x.shape[1] == self.config.seq_len
+        for block, pattern in zip(self.blocks, self.patterns, strict=True):
             block_mask = self._block_mask(pattern) if use_flex else None
-            x = block(x, self._mask(pattern), block_mask, cache, layer)
-        if cache is not None:
-            cache.length += x.shape[1]
+            x = block(x, self.mask(pattern), block_mask)
         return self.norm(x)
 
     def forward(self, text: Tensor, codes: Tensor) -> PriorOutput:
@@ -243,85 +220,3 @@ class PriorTransformer(nn.Module):
         return PriorOutput(
             in_fp32(self.to_text_logits, h[:, :T]), in_fp32(self.to_image_logits, h[:, T:])
         )
-
-    # generation with a key/value cache -----------------------------------------------------
-    def new_cache(self, batch: int) -> KVCache:
-        weight = self.text_embedding.weight
-        return KVCache(self.config, batch, weight.device, weight.dtype)
-
-    def prefill(self, text: Tensor, cache: KVCache) -> Tensor:
-        """Run the text and the start-of-image slot; logits of code 0: (B, image_vocab)."""
-        rows = text.shape[0]  # what every `step` reads: positions and prepacked weights
-        cache.image_positions = self.image_positions()
-        cache.linears = [
-            (
-                PackedLinear(block.attention.qkv, rows),
-                PackedLinear(block.attention.proj, rows),
-                PackedLinear(block.mlp[0], rows, gelu=True),
-                PackedLinear(block.mlp[2], rows),
-            )
-            for block in self.blocks
-        ]
-        cache.image_head = PackedLinear(self.to_image_logits, rows)
-        soi = torch.full_like(text[:, :1], self.start_of_image)
-        x = torch.cat([self.embed_text(text), self.embed_image(soi, 0)], dim=1)
-        return in_fp32(self.to_image_logits, self.hidden(x, cache)[:, -1])
-
-    def step(self, code: Tensor, cache: KVCache) -> Tensor:
-        """Feed code p - 1 (B,) into image slot p; logits of code p: (B, image_vocab).
-
-        The same math as `hidden` for one slot, written with functional calls: a decoding step
-        is a few small matmuls, and the module calls, the mask lookups and the separate
-        scale/mask/matmul ops cost about a fifth of it on CPU. The linears use the weights that
-        `prefill` prepacked (`packed_linear.py`, GELU fused) and the position embeddings it
-        summed; scale, mask and scores are one `baddbmm` with an additive mask row, and row and
-        conv layers read only their window of the cache (`_step_attention`). No dropout:
-        generation runs in eval mode. Equal to the teacher-forced logits
-        (`tests/test_transformer.py`).
-        """
-        c = self.config
-        B, T, D, H, E = code.shape[0], c.text_seq_len, c.dim, c.heads, c.dim // c.heads
-        start = cache.length
-        x = F.embedding(code, self.image_embedding.weight) + cache.image_positions[start - T]
-        layers = zip(self.blocks, self.patterns, cache.linears, strict=True)
-        for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
-            h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
-            qkv = qkv_in(h).view(B, 3, H, E)
-            cache.keys_values[layer, :, :, :, start] = qkv[:, 1:].transpose(0, 1)
-            out = self._step_attention(qkv[:, 0].reshape(B * H, 1, E), cache, layer, pattern)
-            x = x + proj(out.view(B, D))
-            x = x + mlp_out(mlp_in(F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)))
-        cache.length += 1
-        return in_fp32(cache.image_head, F.layer_norm(x, (D,), self.norm.weight, self.norm.bias))
-
-    def _step_attention(self, q: Tensor, cache: KVCache, layer: int, pattern: str) -> Tensor:
-        """Queries (B * H, 1, E) of slot `cache.length` against the cached keys and values that
-        slot may see: (B * H, 1, E). Row and conv layers read only the text and the window
-        [first_key, slot] of the cache, under one softmax."""
-        c = self.config
-        T, (BH, _, E), start = c.text_seq_len, q.shape, cache.length
-        bias = self._step_bias(pattern, q.dtype)[start]
-        lo = T + first_key(pattern, start - T, c.grid_size, c.conv_kernel)
-
-        def cached(buffer: Tensor, a: int, b: int) -> Tensor:  # slots [a, b): (B * H, b - a, E)
-            return buffer[layer, :, :, a:b].reshape(BH, b - a, E)
-
-        if lo == T:  # one product over [text | image slots so far]
-            keys = cached(cache.keys, 0, start + 1).transpose(1, 2)
-            scores = torch.baddbmm(bias[: start + 1], q, keys, alpha=E**-0.5)
-            return torch.bmm(scores.softmax(-1), cached(cache.values, 0, start + 1))
-        text_scores = torch.bmm(q, cached(cache.keys, 0, T).transpose(1, 2))
-        window_keys = cached(cache.keys, lo, start + 1).transpose(1, 2)
-        window_scores = torch.baddbmm(bias[lo : start + 1], q, window_keys)
-        probs = torch.cat([text_scores, window_scores], -1).mul_(E**-0.5).softmax(-1)
-        text_part = torch.bmm(probs[..., :T], cached(cache.values, 0, T))
-        return torch.baddbmm(text_part, probs[..., T:], cached(cache.values, lo, start + 1))
-
-    def _step_bias(self, pattern: str, dtype: torch.dtype) -> Tensor:
-        """The mask as an additive (S, S) bias: 0 where allowed, -inf elsewhere (cached)."""
-        mask = self._mask(pattern)
-        key = ("bias", pattern, mask.device, dtype)
-        if key not in self._derived_masks:
-            bias = torch.zeros(mask.shape, device=mask.device, dtype=dtype)
-            self._derived_masks[key] = bias.masked_fill_(~mask, float("-inf"))
-        return self._derived_masks[key]

@@ -2,17 +2,16 @@
 
 Images and captions come straight from an image-caption datamodule (the training split draws
 one caption per image); captions become the project's BPE ids, the same tokenizer file the
-prior of that dataset uses (`data/token_cache.load_or_train_tokenizer`). Objective: symmetric
+prior of that dataset uses (`stages.clip_stage` loads or learns it). Objective: symmetric
 InfoNCE over the batch with a learned temperature. Validation logs retrieval R@1 both ways
-over the whole split. AdamW, linear warm-up, cosine decay to `lr_final_ratio`.
+over the whole split. AdamW, linear warm-up, cosine decay (`schedules.ClipSchedule`).
 
-The checkpoint carries `clip_config` and the tokenizer, so `evaluation/rerankers.py` rebuilds
-the model from the file alone.
+The checkpoint carries the CLIP's config, the tokenizer and the identity of the data it was
+trained on (`checkpoints.clip_entries`), so `sampling/rerank.py` rebuilds it from the file.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -20,65 +19,34 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from dalle_lightning.config import ConfigError, require, require_float, require_int
-from dalle_lightning.data.datamodule import ImageTextDataModule
-from dalle_lightning.data.token_cache import load_or_train_tokenizer
+from dalle_lightning.checkpoints import clip_entries
+from dalle_lightning.config import ConfigError
 from dalle_lightning.models.clip import ClipConfig, ContrastiveModel, contrastive_loss, recall_at_1
-from dalle_lightning.modules.schedules import cosine_anneal
+from dalle_lightning.modules.schedules import ClipSchedule
 from dalle_lightning.text.tokenizer import BPETokenizer
-
-log = logging.getLogger(__name__)
 
 
 class ClipModule(LightningModule):
-    """Field names in errors are relative to the `model` config group."""
-
     VALIDATION_METRICS = ("val/loss", "val/r1_image_to_text", "val/r1_text_to_image")
 
     def __init__(
         self,
-        net: dict,
-        vocab_size: int = 512,
-        cache_dir: str = "logs/token_cache",
+        net: ClipConfig,
+        tokenizer: BPETokenizer,
+        schedule: ClipSchedule = ClipSchedule(),
         optimizer: Callable | None = None,
-        warmup_steps: int = 100,
-        lr_final_ratio: float = 0.05,
+        trained_on: dict | None = None,
     ):
+        """`trained_on`: the identity of the training data, saved in the checkpoint (an
+        evaluation on other data warns)."""
         super().__init__()
-        require_int("vocab_size", vocab_size, 2)
-        require_int("warmup_steps", warmup_steps, 0)
-        require_float("lr_final_ratio", lr_final_ratio, 0.0, 1.0)
-        try:
-            config = ClipConfig(text_vocab=vocab_size, **net)
-        except TypeError as err:
-            raise ConfigError("net", dict(net), f"fields of ClipConfig only ({err})") from None
-        except ValueError as err:
-            raise ConfigError("net", dict(net), str(err)) from None
-        self.save_hyperparameters(ignore=["optimizer"])
-        self.net = ContrastiveModel(config)
-        self.optimizer = optimizer
-        self.tokenizer: BPETokenizer | None = None
-        self._val: list[tuple[Tensor, Tensor, list[str]]] = []
-
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        require(
-            isinstance(datamodule, ImageTextDataModule),
-            "dataset",
-            type(datamodule).__name__,
-            "an image-caption dataset (shapes, coco, cub, folder)",
+        self.save_hyperparameters(
+            {"net": asdict(net), "vocab_size": tokenizer.vocab_size, **asdict(schedule)}
         )
-        if self.tokenizer is None:
-            datamodule.setup()
-            train = datamodule.datasets["train"]
-            captions = [c for i in range(len(train)) for c in train.captions_of(i)]
-            self.tokenizer = load_or_train_tokenizer(
-                captions,
-                datamodule.identity(),
-                self.hparams.vocab_size,
-                self.net.config.text_seq_len,
-                self.hparams.cache_dir,
-            )
+        self.net = ContrastiveModel(net)  # the attribute name is the checkpoint's weight prefix
+        self.tokenizer, self.schedule, self.trained_on = tokenizer, schedule, trained_on
+        self.optimizer = optimizer
+        self._val: list[tuple[Tensor, Tensor, list[str]]] = []
 
     def _text(self, captions: list[str]) -> Tensor:
         return self.tokenizer.encode(captions).to(self.device)
@@ -130,14 +98,9 @@ class ClipModule(LightningModule):
         total = self.trainer.max_steps
         if total is None or total <= 0:
             raise ConfigError("trainer.max_steps", total, "an integer >= 1 (the cosine length)")
-        warmup, ratio = self.hparams.warmup_steps, self.hparams.lr_final_ratio
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return cosine_anneal(step - warmup, 1.0, ratio, max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.schedule.lr_factor(step, total)
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -145,12 +108,5 @@ class ClipModule(LightningModule):
 
     # checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["clip_config"] = asdict(self.net.config)
-        checkpoint["tokenizer"] = self.tokenizer.state() if self.tokenizer else None
-        datamodule = self.trainer.datamodule if self._trainer else None
-        if isinstance(datamodule, ImageTextDataModule):  # evaluation warns on other data
-            checkpoint["data_identity"] = datamodule.identity()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint.get("tokenizer"):
-            self.tokenizer = BPETokenizer.from_state(checkpoint["tokenizer"])
+        entries = clip_entries(asdict(self.net.config), self.tokenizer.state(), self.trained_on)
+        checkpoint.update(entries)

@@ -18,6 +18,7 @@ the final beta, so val/loss is comparable across steps and runs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -31,28 +32,22 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio
 from torchvision.utils import make_grid, save_image
 
-from dalle_lightning.config import (
-    ConfigError,
-    require_bool,
-    require_choice,
-    require_float,
-    require_int,
-)
+from dalle_lightning.checkpoints import dvae_entries
+from dalle_lightning.config import ConfigError
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.modules.losses import (
+    DVAELoss,
     code_usage_kl,
     kl_to_uniform,
     logit_laplace_nll,
     mse_nll,
 )
-from dalle_lightning.modules.schedules import cosine_anneal, linear_warmup
-
-RECON_LOSSES = ("logit_laplace", "mse")
+from dalle_lightning.modules.schedules import DVAESchedule
 
 
 class DVAEModule(LightningModule):
-    """Field names in errors are relative to the `model` config group; `instantiate.build`
-    places them under it (`model.beta`, `model.net.image_size`)."""
+    """`stages.dvae_module` builds it from conf/model/dvae.yaml: `net` is the DVAEConfig, the
+    flat keys are the fields of `DVAELoss` and `DVAESchedule` and the options below."""
 
     # what a checkpoint callback or a sweep can monitor (checked before training starts)
     VALIDATION_METRICS = (
@@ -66,47 +61,33 @@ class DVAEModule(LightningModule):
 
     def __init__(
         self,
-        net: dict,
+        net: DVAEConfig,
+        loss: DVAELoss = DVAELoss(),
+        schedule: DVAESchedule = DVAESchedule(),
         optimizer: Callable | None = None,
-        beta: float = 6.6,
-        usage_weight: float = 0.0,
-        kl_warmup_steps: int = 5000,
-        tau_start: float = 1.0,
-        tau_end: float = 1 / 16,
-        temp_anneal_steps: int = 150_000,
-        lr_final_ratio: float = 0.0125,
-        lr_decay_steps: int | None = None,
-        lr_warmup_steps: int = 0,
-        recon_loss: str = "logit_laplace",
-        mse_sigma: float = 0.1,
         num_logged_images: int = 8,
         channels_last: bool = True,
         compile: bool = False,
     ):
+        """`optimizer`: a partial AdamW (conf's `_partial_: true`), finished with the
+        parameters in `configure_optimizers`; `num_logged_images` originals vs reconstructions
+        at every validation; `channels_last` memory layout (faster convolutions on CPU and
+        GPU); `compile` the encoder and decoder."""
         super().__init__()
-        require_bool("compile", compile)
-        require_float("beta", beta, 0.0)
-        require_float("usage_weight", usage_weight, 0.0)
-        require_int("kl_warmup_steps", kl_warmup_steps, 0)
-        require_float("tau_start", tau_start, 1e-4)
-        require_float("tau_end", tau_end, 1e-4, tau_start)
-        require_int("temp_anneal_steps", temp_anneal_steps, 0)
-        require_float("lr_final_ratio", lr_final_ratio, 0.0, 1.0)
-        if lr_decay_steps is not None:
-            require_int("lr_decay_steps", lr_decay_steps, 1)
-        require_int("lr_warmup_steps", lr_warmup_steps, 0)
-        require_choice("recon_loss", recon_loss, RECON_LOSSES)
-        require_float("mse_sigma", mse_sigma, 1e-6)
-        require_int("num_logged_images", num_logged_images, 0)
-        try:
-            config = DVAEConfig(**net)
-        except ConfigError as err:
-            raise err.at("net") from None
-        except TypeError as err:  # an unknown key in model.net
-            raise ConfigError("net", dict(net), f"fields of DVAEConfig only ({err})") from None
-        # the partial optimizer is code, not a hyperparameter; it lives in the Hydra config
-        self.save_hyperparameters(ignore=["optimizer"])
-        self.net = DVAE(config)
+        # hyper_parameters in the layout of conf/model/dvae.yaml (stages.dvae_module reads it)
+        options = dict(
+            num_logged_images=num_logged_images, channels_last=channels_last, compile=compile
+        )
+        self.save_hyperparameters(
+            {"net": asdict(net), **asdict(loss), **asdict(schedule), **options}
+        )
+        self.loss, self.schedule = loss, schedule
+        self.num_logged_images, self.channels_last, self.compile_net = (
+            num_logged_images,
+            channels_last,
+            compile,
+        )
+        self.net = DVAE(net)  # the attribute name is the checkpoint's weight prefix
         self.optimizer = optimizer
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.test_psnr = PeakSignalNoiseRatio(data_range=1.0)
@@ -114,46 +95,38 @@ class DVAEModule(LightningModule):
         self._logged_batch: Tensor | None = None
 
     def configure_model(self) -> None:
-        if self.hparams.channels_last:  # ~1.6x faster convolutions on CPU (oneDNN), also on GPU
+        if self.channels_last:  # faster convolutions on CPU (oneDNN) and GPU (docs/speed.md)
             self.net.to(memory_format=torch.channels_last)
-        if self.hparams.compile:  # in place: the state dict keeps its keys; tau stays outside
+        if self.compile_net:  # in place: the state dict keeps its keys; tau stays outside
             self.net.encoder.compile()
             self.net.decoder.compile()
 
     def _images(self, batch: dict) -> Tensor:
         images = batch["image"]
-        if self.hparams.channels_last:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
-
-    # schedules -----------------------------------------------------------------------------
-    def beta_at(self, step: int) -> float:
-        return cosine_anneal(step, 0.0, self.hparams.beta, self.hparams.kl_warmup_steps)
-
-    def tau_at(self, step: int) -> float:
-        hp = self.hparams
-        return cosine_anneal(step, hp.tau_start, hp.tau_end, hp.temp_anneal_steps)
 
     # objective -----------------------------------------------------------------------------
     def _terms(self, stats: Tensor, logits: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
         """Reconstruction NLL and KL, both per image and per subpixel: (B,), (B,)."""
-        if self.hparams.recon_loss == "logit_laplace":
+        if self.loss.recon_loss == "logit_laplace":
             nll = logit_laplace_nll(stats, images)
         else:
-            nll = mse_nll(DVAE.mean_image(stats, clamp=False), images, self.hparams.mse_sigma)
+            nll = mse_nll(DVAE.mean_image(stats, clamp=False), images, self.loss.mse_sigma)
         subpixels = images[0].numel()  # C * H * W
         return nll / subpixels, kl_to_uniform(logits) / subpixels
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = self._images(batch)
         step = self.global_step
-        tau, beta = self.tau_at(step), self.beta_at(step)
+        tau, beta = self.schedule.tau(step), self.schedule.beta(step, self.loss.beta)
         out = self.net(images, tau=tau)
         nll, kl = self._terms(out.stats, out.logits, images)
         loss = (nll + beta * kl).mean()
-        if self.hparams.usage_weight:
+        if self.loss.usage_weight:
             usage = code_usage_kl(out.logits)
-            loss = loss + self.hparams.usage_weight * usage
+            loss = loss + self.loss.usage_weight * usage
             self.log("train/code_usage_kl", usage)
         self.log_dict({"train/loss": loss, "train/nll": nll.mean(), "train/kl": kl.mean()})
         self.log_dict({"train/tau": tau, "train/beta": beta})
@@ -166,7 +139,7 @@ class DVAEModule(LightningModule):
         stats = self.net.decode_stats(z)
         reconstruction = DVAE.mean_image(stats)
         nll, kl = self._terms(stats, logits, images)
-        loss = (nll + self.hparams.beta * kl).mean()
+        loss = (nll + self.loss.beta * kl).mean()
         psnr.update(reconstruction.float(), images.float())
         counts = torch.bincount(codes.flatten(), minlength=self.net.vocab_size)
         self._code_counts = counts if self._code_counts is None else self._code_counts + counts
@@ -183,8 +156,8 @@ class DVAEModule(LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = self._images(batch)
         reconstruction = self._eval_step(images, self.val_psnr, "val")
-        if batch_idx == 0 and self.hparams.num_logged_images:
-            n = self.hparams.num_logged_images
+        if batch_idx == 0 and self.num_logged_images:
+            n = self.num_logged_images
             self._logged_batch = torch.cat([images[:n], reconstruction[:n]]).detach()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -228,17 +201,15 @@ class DVAEModule(LightningModule):
         optimizer = (
             self.optimizer(params) if self.optimizer is not None else torch.optim.AdamW(params)
         )
-        decay_steps = self.hparams.lr_decay_steps or self.trainer.max_steps
+        decay_steps = self.schedule.lr_decay_steps or self.trainer.max_steps
         if decay_steps is None or decay_steps <= 0:
             raise ConfigError(
                 "model.lr_decay_steps",
-                self.hparams.lr_decay_steps,
+                self.schedule.lr_decay_steps,
                 "an integer >= 1, or null with trainer.max_steps > 0",
             )
-        ratio, warmup = self.hparams.lr_final_ratio, self.hparams.lr_warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: linear_warmup(step, warmup) * cosine_anneal(step, 1.0, ratio, decay_steps),
+            optimizer, functools.partial(self.schedule.lr_factor, decay_steps=decay_steps)
         )
         return {
             "optimizer": optimizer,
@@ -247,4 +218,4 @@ class DVAEModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # lets `DVAE.from_checkpoint` rebuild the model from this file alone
-        checkpoint["dvae_config"] = asdict(self.net.config)
+        checkpoint.update(dvae_entries(asdict(self.net.config)))

@@ -1,5 +1,6 @@
 """Training objectives: the dVAE terms (Ramesh et al., 2021, sec. 2.1, A.3) and the prior's
-cross-entropy (sec. 2.2).
+cross-entropy (sec. 2.2), with their typed configs `DVAELoss` and `PriorLoss` (flat keys of
+conf/model/dvae.yaml and conf/model/dalle.yaml).
 
 Shape legend: B batch, C channels, H x W pixels, K codebook size, h x w code grid.
 """
@@ -7,12 +8,49 @@ Shape legend: B batch, C channels, H x W pixels, K codebook size, h x w code gri
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dalle_lightning.config import require_choice, require_float
 from dalle_lightning.models.dvae import map_pixels
+
+RECON_LOSSES = ("logit_laplace", "mse")
+
+
+@dataclass(frozen=True)
+class DVAELoss:
+    """The dVAE's objective per image, [NLL(x | z) + beta * KL(q_phi(z|x) || uniform)] / (C H W)
+    (paper: logit-Laplace NLL, beta 6.6 after its warm-up), plus `usage_weight` * the
+    code-usage KL (not in the paper; `code_usage_kl`). `recon_loss=mse` swaps in a Gaussian
+    NLL with a fixed `mse_sigma`."""
+
+    beta: float = 6.6
+    usage_weight: float = 0.0
+    recon_loss: str = "logit_laplace"
+    mse_sigma: float = 0.1
+
+    def __post_init__(self) -> None:
+        require_float("beta", self.beta, 0.0)
+        require_float("usage_weight", self.usage_weight, 0.0)
+        require_choice("recon_loss", self.recon_loss, RECON_LOSSES)
+        require_float("mse_sigma", self.mse_sigma, 1e-6)
+
+
+@dataclass(frozen=True)
+class PriorLoss:
+    """The prior's objective: text and image cross-entropy weighted `text_loss_weight` : 1 -
+    `text_loss_weight` (paper: 1/8 : 7/8), on captions of which a `caption_dropout` share is
+    blanked (not in the paper: it teaches the unconditional prior that guidance needs)."""
+
+    text_loss_weight: float = 1 / 8
+    caption_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        require_float("text_loss_weight", self.text_loss_weight, 0.0, 1.0)
+        require_float("caption_dropout", self.caption_dropout, 0.0, 1.0)
 
 
 def logit_laplace_nll(stats: Tensor, images: Tensor) -> Tensor:

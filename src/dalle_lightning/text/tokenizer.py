@@ -14,6 +14,7 @@ Shape legend: B captions, T text_seq_len.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,20 @@ from dalle_lightning.config import ConfigError, require_float, require_int
 
 UNK = "[UNK]"
 END_OF_WORD = "</w>"
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The prior's captions (`model.text`). Paper: 16384 BPE ids, 256 tokens, BPE-dropout 0.1."""
+
+    vocab_size: int = 512  # BPE ids; pad ids vocab_size .. vocab_size + text_seq_len - 1 follow
+    text_seq_len: int = 32
+    bpe_dropout: float = 0.1  # training only
+
+    def __post_init__(self) -> None:
+        require_int("vocab_size", self.vocab_size, 2)
+        require_int("text_seq_len", self.text_seq_len, 1)
+        require_float("bpe_dropout", self.bpe_dropout, 0.0, 1.0)
 
 
 class BPETokenizer:

@@ -1,10 +1,11 @@
-"""Batched generation: captions -> image codes from the prior -> images from the dVAE.
+"""Sampling image tokens for captions, then images from the dVAE (Ramesh et al., 2021, sec. 2.3).
 
-Image codes are sampled one raster position at a time (temperature, then top-k and/or top-p
-filtering) with a seeded `torch.Generator`, so a (seed, captions) pair always gives the same
-images. With `use_cache=True` (the default) the prompt runs once and each later step feeds one
-token against the preallocated key/value cache; `use_cache=False` recomputes the whole
-sequence per token (the reference the tests compare against).
+Image codes are drawn one raster position at a time (temperature, then top-k and/or top-p
+filtering, optionally classifier-free guidance) with a seeded `torch.Generator`, so a (seed,
+captions) pair always gives the same images. With `use_cache=True` (the default) the
+`KVDecoder` runs the prompt once and each later position is one cached step;
+`use_cache=False` recomputes the whole sequence per token (the reference the tests compare
+against).
 
 Shape legend: B captions x images per caption, T text_seq_len, N = h * w image tokens.
 """
@@ -12,17 +13,62 @@ Shape legend: B captions x images per caption, T text_seq_len, N = h * w image t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from dalle_lightning.config import ConfigError, require_float, require_int
+from dalle_lightning.config import ConfigError, require_float, require_int, typed
 from dalle_lightning.models.image_tokenizer import ImageTokenizer
 from dalle_lightning.models.transformer import PriorTransformer
+from dalle_lightning.sampling.kv_decoder import KVDecoder
 from dalle_lightning.text.tokenizer import BPETokenizer
 
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": None, "cond_scale": 1.0}
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How image tokens are drawn: `model.sampling` (saved with the prior: what it was trained
+    for) and `sampling.*` of evaluate.py (null there: the checkpoint's own). The defaults are
+    the plain sampler: temperature 1, unfiltered, unguided."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely codes
+    top_p: float | None = None  # nucleus: the smallest set with probability >= top_p
+    cond_scale: float = 1.0  # classifier-free guidance: blank + s * (caption - blank); 1: off
+
+    def __post_init__(self) -> None:
+        require_float("temperature", self.temperature, 1e-6)
+        require_float("cond_scale", self.cond_scale, 0.0)
+        if self.top_k is not None:
+            require_int("top_k", self.top_k, 1)
+        if self.top_p is not None:
+            require_float("top_p", self.top_p, 1e-6, 1.0)
+
+    @property
+    def guided(self) -> bool:
+        return self.cond_scale != 1.0
+
+
+def resolve_sampling(
+    requested: Mapping, trained: SamplingConfig, guidance_trained: bool, at: str = "sampling"
+) -> SamplingConfig:
+    """The settings to sample with: each field of `requested` left None takes the value the
+    checkpoint was trained with (`trained`, its model.sampling), the rest as given.
+
+    cond_scale != 1 needs a prior that saw blank captions in training (caption_dropout > 0);
+    otherwise its blank-caption logits are meaningless and guidance silently ruins samples.
+    """
+    given = {key: value for key, value in requested.items() if value is not None}
+    resolved = typed(SamplingConfig, {**asdict(trained), **given}, at)
+    if resolved.guided and not guidance_trained:
+        raise ConfigError(
+            f"{at}.cond_scale",
+            resolved.cond_scale,
+            "1 for this checkpoint: it was trained with model.caption_dropout=0, so it never "
+            "saw a blank caption (train with model.caption_dropout=0.1 to use guidance)",
+        )
+    return resolved
 
 
 class Samples(NamedTuple):
@@ -54,81 +100,43 @@ def gumbel_max(logits: Tensor, generator: torch.Generator | None = None) -> Tens
     return (logits - torch.log(-torch.log(u.clamp_min(tiny)))).argmax(-1)
 
 
-def check_sampling(
-    temperature: float, top_k: int | None, top_p: float | None, cond_scale: float = 1.0
-) -> None:
-    require_float("temperature", temperature, 1e-6)
-    require_float("cond_scale", cond_scale, 0.0)
-    if top_k is not None:
-        require_int("top_k", top_k, 1)
-    if top_p is not None:
-        require_float("top_p", top_p, 1e-6, 1.0)
-
-
-def resolve_sampling(requested: Mapping, trained: Mapping, guidance_trained: bool) -> dict:
-    """The settings to sample with: each field of `requested` left None takes the value the
-    checkpoint was trained with (`trained`: its model.sampling), the rest as given.
-
-    cond_scale != 1 needs a prior that saw blank captions in training (caption_dropout > 0);
-    otherwise its blank-caption logits are meaningless and guidance silently ruins samples.
-    """
-    resolved = {
-        key: requested.get(key) if requested.get(key) is not None else trained.get(key, default)
-        for key, default in SAMPLING_DEFAULTS.items()
-    }
-    check_sampling(**resolved)
-    if resolved["cond_scale"] != 1.0 and not guidance_trained:
-        raise ConfigError(
-            "cond_scale",
-            resolved["cond_scale"],
-            "1 for this checkpoint: it was trained with model.caption_dropout=0, so it never "
-            "saw a blank caption (train with model.caption_dropout=0.1 to use guidance)",
-        )
-    return resolved
-
-
 @torch.inference_mode()
 def sample_codes(
     prior: PriorTransformer,
     text: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     keep_logits: bool = False,
-    cond_scale: float = 1.0,
 ) -> Samples:
     """Sample N image codes for each row of text ids (B, T).
 
-    `cond_scale` != 1: classifier-free guidance; the same codes are also fed to a copy of each
-    row with a blank caption (all pads) and the logits become blank + s * (caption - blank).
+    Guidance (`sampling.cond_scale` != 1): the same codes are also fed to a copy of each row
+    with a blank caption (all pads) and the logits become blank + s * (caption - blank).
     """
-    check_sampling(temperature, top_k, top_p, cond_scale)
     B, N = text.shape[0], prior.config.image_seq_len
-    guided = cond_scale != 1.0
-    if guided:
+    if sampling.guided:
         text = torch.cat([text, blank_text(prior, B, text.device)])
     codes = torch.zeros(text.shape[0], N, dtype=torch.long, device=text.device)
     kept = []
-    cache = prior.new_cache(text.shape[0]) if use_cache else None
+    decoder = KVDecoder(prior, text.shape[0]) if use_cache else None
     for p in range(N):
-        if cache is None:
+        if decoder is None:
             logits = prior(text, codes).image_logits[:, p]
         elif p == 0:
-            logits = prior.prefill(text, cache)
+            logits = decoder.prefill(text)
         else:
-            logits = prior.step(codes[:, p - 1], cache)
+            logits = decoder.step(codes[:, p - 1])
         logits = logits.float()
-        if guided:
-            logits = logits[B:] + cond_scale * (logits[:B] - logits[B:])
+        if sampling.guided:
+            logits = logits[B:] + sampling.cond_scale * (logits[:B] - logits[B:])
         if keep_logits:
             kept.append(logits)
-        if temperature != 1.0:
-            logits = logits / temperature
-        filtered = filter_logits(logits, top_k, top_p)
+        if sampling.temperature != 1.0:
+            logits = logits / sampling.temperature
+        filtered = filter_logits(logits, sampling.top_k, sampling.top_p)
         sampled = gumbel_max(filtered, generator)
-        codes[:, p] = sampled.repeat(2) if guided else sampled
+        codes[:, p] = sampled.repeat(2) if sampling.guided else sampled
     return Samples(codes[:B], torch.stack(kept, 1) if keep_logits else None)
 
 
@@ -145,12 +153,9 @@ def generate_images(
     tokenizer: BPETokenizer,
     captions: Sequence[str],
     num_images: int = 1,
-    batch_size: int = 64,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
-    cond_scale: float = 1.0,
+    batch_size: int = 64,
 ) -> Tensor:
     """(len(captions) * num_images, C, H, W) in [0, 1]: caption i's images are rows
     i * num_images ... (i + 1) * num_images - 1."""
@@ -162,9 +167,7 @@ def generate_images(
     images = []
     for start in range(0, len(repeated), batch_size):
         text = tokenizer.encode(repeated[start : start + batch_size]).to(device)
-        codes = sample_codes(
-            prior, text, temperature, top_k, top_p, generator, cond_scale=cond_scale
-        ).codes
+        codes = sample_codes(prior, text, sampling, generator).codes
         side = dvae.grid_size
         images.append(dvae.decode(codes.view(-1, side, side)).float().cpu())
     return torch.cat(images)

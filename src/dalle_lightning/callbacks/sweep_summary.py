@@ -25,7 +25,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dalle_lightning.run_summary import write_metrics
+from dalle_lightning.runs import write_metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`train(cfg)`: what `python train.py` runs, top to bottom.
 
-seed -> datamodule (stage 2: over cached dVAE codes) -> module -> callbacks -> loggers
+checks -> seed -> the stage's datamodule and module (`stages.py`) -> callbacks -> loggers
 -> trainer -> fit -> test -> metrics.json.
 Every object comes from the composed Hydra config (conf/train.yaml); every value is checked
 while the objects are built, before the first step.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dalle_lightning.instantiate import (
     build,
@@ -23,19 +23,16 @@ from dalle_lightning.instantiate import (
     check_run,
     check_trainer,
 )
-from dalle_lightning.modules.dalle_module import DalleModule
-from dalle_lightning.resume import (
+from dalle_lightning.runs import (
+    collect_metrics,
     continue_csv_logs,
-    register_resolvers,
     resume_checkpoint,
     resumed_logger_config,
+    write_metrics,
 )
-from dalle_lightning.run_summary import collect_metrics, write_metrics
+from dalle_lightning.stages import build_stage
 
 log = logging.getLogger(__name__)
-# conf/'s resolvers, on import: before train.py/evaluate.py compose the config, and in a
-# launcher's job processes, which import this module but run no entry script
-register_resolvers()
 
 
 def train(cfg: DictConfig) -> tuple[float | None, dict]:
@@ -47,14 +44,9 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     output_dir = Path(cfg.paths.output_dir)
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    _warn_if_not_repeatable(cfg)
     log.info("seed: %s", cfg.seed)
-    datamodule = build(cfg.dataset, "dataset")
-    datamodule.setup("fit")  # reads the data now: bad files are counted, too many stop here
-    module = build(cfg.model, "model")
+    datamodule, module, inputs = build_stage(cfg)
     check_monitored(cfg.get("optimized_metric"), module)
-    if isinstance(module, DalleModule):  # stage 2 reads cached dVAE codes, never pixels
-        datamodule = module.token_datamodule(datamodule)
     in_place = ckpt_path is not None and output_dir == Path(ckpt_path).parent.parent
     logger_cfg = resumed_logger_config(cfg.get("logger"), resumed_step) if in_place else None
     loggers = build_all(logger_cfg or cfg.get("logger"), "logger")
@@ -85,6 +77,8 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     summary = collect_metrics(cfg, trainer, fit_metrics, test_metrics, time.time() - started)
     if report := datamodule.data_report():
         summary["data"] = report  # bad images and captions: skipped and converted counts
+    if inputs:
+        summary["inputs"] = inputs  # the artefacts the stage was built from (the dVAE)
     if ckpt_path:
         summary["resumed_from"] = {"checkpoint": ckpt_path, "step": resumed_step}
     write_metrics(output_dir / "metrics.json", summary)
@@ -97,14 +91,3 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
             ", ".join(sorted(summary["metrics"])),
         )
     return value, summary
-
-
-def _warn_if_not_repeatable(cfg: DictConfig) -> None:
-    bpe_dropout = OmegaConf.select(cfg, "model.text.bpe_dropout", default=0) or 0
-    if cfg.trainer.get("deterministic") and bpe_dropout > 0:
-        log.warning(
-            "trainer.deterministic=true, but BPE-dropout (model.text.bpe_dropout=%s) draws from "
-            "HF tokenizers' unseeded generator: a stage-2 run repeats bitwise (and resumes "
-            "bitwise) only with model.text.bpe_dropout=0",
-            bpe_dropout,
-        )

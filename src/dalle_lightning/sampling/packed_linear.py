@@ -3,13 +3,12 @@
 A decoding step multiplies a handful of rows (the batch) by every weight matrix of the prior,
 so on CPU the products are dominated by reading and rearranging the weights, not by the
 arithmetic. oneDNN can reorder a weight once into its own blocked layout (what torch.compile
-does to frozen CPU weights), which makes these products ~1.6x faster on the 2-core benchmark
-machine (17 linears of the default benchmark prior: 0.64-0.75 ms instead of 1.06-1.14 ms per
-step); GELU is fused into the first MLP layer. Elsewhere (GPU, no oneDNN, not fp32, autograd
-on, inputs not fp32 as under autocast) `PackedLinear` is plain `F.linear` (+ `F.gelu`).
+does to frozen CPU weights), which makes these products faster (docs/speed.md); GELU is fused
+into the first MLP layer. Elsewhere (GPU, no oneDNN, not fp32, autograd on, inputs not fp32
+as under autocast) `PackedLinear` is plain `F.linear` (+ `F.gelu`).
 
 The packed weights are a copy taken at packing time: pack again after the weights change
-(`PriorTransformer.prefill` packs once per generation).
+(`KVDecoder` packs once per generated batch).
 """
 
 from __future__ import annotations
