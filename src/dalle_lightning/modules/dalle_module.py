@@ -21,15 +21,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
-from torchvision.utils import make_grid, save_image
 
 from dalle_lightning.checkpoints import dalle_entries
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
+from dalle_lightning.modules.grids import log_grid
 from dalle_lightning.modules.losses import PriorLoss, prior_loss
 from dalle_lightning.modules.schedules import PlateauHalvings, PriorSchedule
 from dalle_lightning.sampling.sampler import SamplingConfig, blank_text
@@ -187,20 +186,11 @@ class DalleModule(LightningModule):
         captions = self._sample_captions
         tokens = self.trainer.datamodule.split_tokens("val")
         codes = tokens["codes"][: len(captions)].long().to(self.device)
-        real = self.model.dvae.decode(codes)
+        real = self.model.dvae.decode(codes).float().cpu()
         fake = self.model.generate(captions, 1, seed=0, sampling=self.model.sampling)
-        self._save_grid(torch.cat([real.float().cpu(), fake.float().cpu()]), captions)
-
-    @rank_zero_only
-    def _save_grid(self, images: Tensor, captions: list[str]) -> None:
-        grid = make_grid(images.clamp(0, 1), nrow=len(captions), padding=2, pad_value=0.5)
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/samples", grid, self.global_step)
-        out_dir = Path(self.trainer.default_root_dir) / "samples"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_image(grid, out_dir / f"step_{self.global_step:07d}.png")
-        (out_dir / "captions.txt").write_text("\n".join(captions) + "\n")
+        path = log_grid(self, torch.cat([real, fake]), len(captions), "val/samples", "samples")
+        if path is not None:  # rank 0
+            (path.parent / "captions.txt").write_text("\n".join(captions) + "\n")
 
     # checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

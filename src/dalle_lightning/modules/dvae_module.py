@@ -21,20 +21,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio
-from torchvision.utils import make_grid, save_image
 
 from dalle_lightning.checkpoints import dvae_entries
 from dalle_lightning.config import ConfigError
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.modules.grids import log_grid
 from dalle_lightning.modules.losses import (
     DVAELoss,
     code_usage_kl,
@@ -166,7 +163,8 @@ class DVAEModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_codebook_usage("val")
         if self._logged_batch is not None and not self.trainer.sanity_checking:
-            self._log_reconstructions(self._logged_batch)
+            pairs = self._logged_batch  # originals (top row), reconstructions (bottom row)
+            log_grid(self, pairs, len(pairs) // 2, "val/reconstructions", "reconstructions")
         self._logged_batch = None
 
     def on_test_epoch_end(self) -> None:
@@ -182,18 +180,6 @@ class DVAEModule(LightningModule):
         entropy = -(p * p.clamp_min(1e-12).log()).sum()
         self.log(f"{stage}/codebook_perplexity", entropy.exp())
         self.log(f"{stage}/codebook_used", (counts > 0).float().mean())
-
-    @rank_zero_only
-    def _log_reconstructions(self, pairs: Tensor) -> None:
-        """Originals (top row) vs reconstructions from hard codes (bottom row)."""
-        n = pairs.shape[0] // 2
-        grid = make_grid(pairs.float().clamp(0, 1).cpu(), nrow=n, padding=2, pad_value=0.5)
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/reconstructions", grid, self.global_step)
-        out_dir = Path(self.trainer.default_root_dir) / "reconstructions"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_image(grid, out_dir / f"step_{self.global_step:07d}.png")
 
     # optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
