@@ -92,11 +92,6 @@ def describe(hint: Any) -> str:
     )
 
 
-def plain(config: Any) -> dict:
-    """A config dataclass as a dict of plain values (checkpoints, metrics.json, hparams)."""
-    return dataclasses.asdict(config)
-
-
 def require(ok: bool, field: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(field, value, allowed)
