@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_lightning.evaluate import evaluate
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.sampling.sampler import sample_codes
@@ -39,3 +40,22 @@ def test_a_prior_checkpoint_of_main_d5d9626_samples_as_it_did():
     assert samples.codes.tolist() == EXPECTED["sampled_codes"]
     images = model.generate(CAPTIONS[:1], 2, seed=0)
     assert abs(float(images.double().sum()) - EXPECTED["image_sum"]) < 1e-6 * EXPECTED["image_sum"]
+
+
+def test_a_legacy_dvae_checkpoint_evaluates_with_its_own_settings(make_cfg, tmp_path):
+    """task=reconstruction rebuilds the dVAE module from the old file's hyper_parameters
+    (the same layout as conf/model/dvae.yaml) and tests it on a split."""
+    cfg = make_cfg(
+        [
+            "task=reconstruction",
+            f"ckpt_path={LEGACY / 'dvae_main_d5d9626.ckpt'}",
+            "dataset.image_size=32",
+            "dataset.num_test=8",
+            "trainer.accelerator=cpu",
+        ],
+        config_name="evaluate",
+    )
+    summary = evaluate(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert metrics["test/psnr"] == summary["metrics"]["test/psnr"] > 0
+    assert 0 < metrics["test/codebook_used"] <= 1
