@@ -208,7 +208,7 @@ def test_token_cache_keeps_every_caption_and_training_draws_among_them(folder):
 @pytest.mark.parametrize("option", ["coco", "cub", "folder"])
 def test_dataset_configs_build_and_a_wrong_root_names_the_field(make_cfg, option, tmp_path):
     cfg = make_cfg([f"dataset={option}", f"dataset.root={tmp_path / 'absent'}"])
-    with pytest.raises(ConfigError, match=r"^dataset.root=.*absent.*README: Datasets"):
+    with pytest.raises(ConfigError, match=r"^dataset.root=.*absent.*docs/data.md"):
         build(cfg.dataset, "dataset")
     cfg = make_cfg([f"dataset={option}", f"dataset.root={tmp_path}"])
     assert build(cfg.dataset, "dataset").image_size == 256

@@ -4,7 +4,7 @@ gradients (two CPU processes, gloo).
 
 Lightning's FSDPStrategy refuses CPU accelerators, so the two-process check wraps the prior
 with torch's FullyShardedDataParallel directly, using the policy trainer=fsdp instantiates;
-the Lightning run itself needs a GPU machine (README records what was run there)."""
+the Lightning run itself needs a GPU machine (docs/scaling.md records what was run)."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ class CaptionedImagesDataModule(ImageTextDataModule):
         self.max_image_pixels, self.max_bad_fraction = max_image_pixels, max_bad_fraction
         self.reports: dict[str, dict] = {}
         require_choice("dataset.train_transform", train_transform, tuple(TRANSFORMS))
-        require(Path(root).is_dir(), "dataset.root", root, "an existing folder (README: Datasets)")
+        require(Path(root).is_dir(), "dataset.root", root, "an existing folder (docs/data.md)")
         self.root, self.image_size, self.train_transform = Path(root), image_size, train_transform
         self._items: dict[str, list[CaptionedImage]] = {}
 

@@ -29,7 +29,7 @@ def read_coco(root: str | Path, split: str, year: int = 2017) -> list[CaptionedI
         annotations.is_file(),
         "dataset.root",
         str(root),
-        f"a COCO folder with {annotations.relative_to(root)} (see the README: Datasets)",
+        f"a COCO folder with {annotations.relative_to(root)} (see docs/data.md)",
     )
     data = json.loads(annotations.read_text(encoding="utf-8", errors="surrogateescape"))
     captions: dict[int, list[str]] = {}

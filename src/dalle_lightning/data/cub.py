@@ -40,7 +40,7 @@ def read_cub(
             (root / needed).exists(),
             "dataset.root",
             str(root),
-            f"a CUB_200_2011 folder with {needed} (text_c10: Reed et al.'s captions; README)",
+            f"a CUB_200_2011 folder with {needed} (text_c10: Reed et al.'s captions; docs/data.md)",
         )
     is_train = {i: flag == "1" for i, flag in _pairs(root / "train_test_split.txt")}
     items = []
