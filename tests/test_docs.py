@@ -70,6 +70,9 @@ COMMANDS = [
 
 
 def test_the_docs_hold_the_commands_a_reader_needs():
+    for path in DOCS:  # an unclosed code block would hide the commands after it
+        fences = [line for line in path.read_text().splitlines() if line.startswith("```")]
+        assert len(fences) % 2 == 0, path
     scripts = {_script(c) for _, c in COMMANDS}
     assert scripts == {"train", "evaluate"} and len(COMMANDS) > 40
     readme = [_overrides(c) for path, c in COMMANDS if path == "README.md"]
