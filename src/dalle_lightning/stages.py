@@ -211,7 +211,7 @@ def _plain(group: Mapping) -> dict:
 
 def _take(node: dict, cls: type[T], at: str) -> T:
     """The keys of `node` that are fields of the dataclass `cls`, removed from it, as a `cls`."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _field_names(cls)
     return typed(cls, {k: node.pop(k) for k in list(node) if k in names}, at)
 
 

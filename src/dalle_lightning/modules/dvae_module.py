@@ -79,11 +79,9 @@ class DVAEModule(LightningModule):
             {"net": asdict(net), **asdict(loss), **asdict(schedule), **options}
         )
         self.loss, self.schedule = loss, schedule
-        self.num_logged_images, self.channels_last, self.compile_net = (
-            num_logged_images,
-            channels_last,
-            compile,
-        )
+        self.num_logged_images = num_logged_images
+        self.channels_last = channels_last
+        self.compile_net = compile  # `compile` is nn.Module's method
         self.net = DVAE(net)  # the attribute name is the checkpoint's weight prefix
         self.optimizer = optimizer
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
