@@ -4,10 +4,15 @@ CPU autocast with float16 stands in for a GPU's 16-mixed (the same per-op castin
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch.utils.data import DataLoader, TensorDataset
 
+from dalle_lightning.callbacks.nonfinite import NonFiniteGuard
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
+from dalle_lightning.modules.losses import prior_loss
 from dalle_lightning.sampling.kv_decoder import KVDecoder
 
 
@@ -62,3 +67,66 @@ def test_prior_logits_are_fp32_under_autocast_in_training_and_cached_sampling():
     assert out.text_logits.dtype == out.image_logits.dtype == torch.float32
     assert first.dtype == second.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in prior.parameters())  # embeddings, gains, biases
+
+
+class _Prior(pl.LightningModule):
+    """The prior's loss on fixed random tokens; the loss is scaled past fp16's range at
+    `overflow_step`, and the logits' dtype is recorded at every step."""
+
+    def __init__(self, overflow_step: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = PriorConfig(
+            text_vocab=40, text_seq_len=6, image_vocab=24, grid_size=4, dim=32, depth=2, heads=4
+        )
+        self.prior = PriorTransformer(self.config)
+        self.overflow_step = overflow_step
+        self.weights_before: dict[int, torch.Tensor] = {}
+        self.logit_dtypes: set[torch.dtype] = set()
+        self.block_dtypes = _record_dtypes({"qkv": self.prior.blocks[0].attention.qkv})
+
+    def training_step(self, batch, batch_idx):
+        text, codes = batch
+        self.weights_before[self.global_step] = self.prior.to_image_logits.weight.detach().clone()
+        out = self.prior(text, codes)
+        self.logit_dtypes |= {out.text_logits.dtype, out.image_logits.dtype}
+        loss = prior_loss(*out, text, codes, 0.125)[0]
+        return loss * 1e30 if self.global_step == self.overflow_step else loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_16_mixed_composes_with_its_grad_scaler_and_the_nonfinite_guard(tmp_path):
+    """Lightning's 16-mixed plugin (fp16 autocast + GradScaler; CPU autocast stands in for a
+    GPU's, so the plugin is handed over directly: check_trainer refuses 16-mixed on CPU for
+    real runs). A step whose fp16 gradients overflow is skipped once, by the scaler (its scale
+    halves) and by the guard (counted, weights untouched); the steps around it train; the
+    blocks run in fp16 and the logits stay fp32 inside the run."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randint(0, 40, (32, 6), generator=g), torch.randint(0, 24, (32, 16), generator=g)
+    )
+    module = _Prior(overflow_step=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = NonFiniteGuard(max_in_row=3)
+    trainer = pl.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    assert trainer.precision == "16-mixed"
+    assert guard.skipped == 1 and guard.in_row == 0
+    assert scaler.get_scale() == 2.0**9  # halved once, at the overflow
+    w = module.weights_before
+    assert torch.equal(w[2], w[3])  # the overflowing step changed nothing
+    assert not torch.equal(w[1], w[2]) and not torch.equal(w[3], w[4])
+    assert module.block_dtypes["qkv"] == torch.float16
+    assert module.logit_dtypes == {torch.float32}

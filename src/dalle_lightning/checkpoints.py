@@ -55,8 +55,7 @@ def read_checkpoint(
 ) -> dict:
     """The checkpoint at `path` as a dict; user errors as a `ConfigError` on `field`."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(field, str(path), "an existing checkpoint file")
+    require_file(path, field, "an existing checkpoint file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=not trusted, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -74,6 +73,59 @@ def read_checkpoint(
         raise _corrupt(field, path, err) from None
     if not isinstance(ckpt, dict):
         raise ConfigError(field, str(path), f"a checkpoint dict, not a {type(ckpt).__name__}")
+    return ckpt
+
+
+# sharded checkpoints (trainer=fsdp) ---------------------------------------------------------------
+SHARDED_META = "meta.pt"  # Lightning's file of everything but weights and optimizer state
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether `path` is a torch.distributed.checkpoint directory written under FSDP2."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_META).is_file() and (path / ".metadata").is_file()
+
+
+def require_file(path: str | Path | None, field: str, expected: str) -> None:
+    """A checkpoint file at `path`, else a ConfigError on `field` saying `expected`; a sharded
+    directory gets the command that makes one file of it."""
+    if path is not None and is_sharded(path):
+        raise ConfigError(
+            field,
+            str(path),
+            "a single checkpoint file: this is a sharded checkpoint directory (trainer=fsdp); "
+            f"consolidate it first: python -m dalle_lightning.consolidate {path}",
+        )
+    if path is None or not Path(path).is_file():
+        raise ConfigError(field, None if path is None else str(path), expected)
+
+
+def checkpoint_exists(path: str | Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint directory."""
+    return Path(path).is_file() or is_sharded(path)
+
+
+def read_sharded_meta(path: str | Path, field: str = "ckpt_path") -> dict:
+    """Lightning's entries of a sharded checkpoint (step, loops, callbacks, ours), no weights."""
+    return read_checkpoint(Path(path) / SHARDED_META, field)
+
+
+def consolidate(path: str | Path, out: str | Path) -> dict:
+    """One file from a sharded checkpoint directory: its metadata plus the full `state_dict`
+    (all shards gathered on this process, no process group needed); written atomically to
+    `out`. The optimizer state is left out: resume from the directory itself."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    meta = read_sharded_meta(path)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    dcp_to_torch_save(path, tmp)  # every shard, whole, on this process (no process group)
+    state = torch.load(tmp, map_location="cpu", weights_only=True)
+    if "state_dict" not in state:
+        raise ConfigError("path", str(path), "a checkpoint with a state_dict: none was saved")
+    ckpt = {**meta, "state_dict": state["state_dict"], "consolidated_from": str(path)}
+    torch.save(ckpt, tmp)
+    tmp.replace(out)
     return ckpt
 
 

@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dalle_lightning.checkpoints import read_checkpoint
+from dalle_lightning.checkpoints import read_checkpoint, require_file
 from dalle_lightning.config import require, require_choice, require_int, typed
 from dalle_lightning.evaluation.attribute_accuracy import attribute_accuracy, flat_metrics
 from dalle_lightning.evaluation.generate import generate_grids
@@ -72,12 +72,13 @@ def load_prior(cfg: DictConfig) -> tuple[DALLE, str, SamplingConfig, int]:
     resolve_sampling(given, SamplingConfig(), guidance_trained=True)  # checks the given values
     ckpt_path = cfg.get("ckpt_path") or latest_checkpoint(cfg.paths.log_dir, "train_dalle")
     require(
-        ckpt_path is not None and Path(ckpt_path).is_file(),
+        ckpt_path is not None,
         "ckpt_path",
-        cfg.get("ckpt_path"),
+        None,
         "a stage-2 checkpoint (none found under logs/train_dalle: run "
         "`python train.py model=dalle` first)",
     )
+    require_file(ckpt_path, "ckpt_path", "an existing stage-2 checkpoint file")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("DALL-E checkpoint: %s (%s)", ckpt_path, device)
     model = DALLE.from_checkpoint(ckpt_path, device, bool(cfg.trust_checkpoint))
@@ -180,10 +181,9 @@ def _reconstruction(cfg: DictConfig) -> dict:
     started = time.time()
     require_choice("split", cfg.split, SPLITS)
     ckpt_path = cfg.get("ckpt_path")
-    require(
-        ckpt_path is not None and Path(ckpt_path).is_file(),
-        "ckpt_path",
+    require_file(
         ckpt_path,
+        "ckpt_path",
         "an existing checkpoint, e.g. logs/train_dvae/runs/<timestamp>/checkpoints/last.ckpt",
     )
     check_trainer(cfg)

@@ -136,7 +136,15 @@ def check_trainer(cfg: DictConfig) -> None:
             accelerator,
             "cpu or auto on this machine (no CUDA GPU is visible); e.g. trainer=cpu",
         )
-    require_choice("trainer.precision", str(t.get("precision", "32-true")), PRECISIONS)
+    precision = str(t.get("precision", "32-true"))
+    require_choice("trainer.precision", precision, PRECISIONS)
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    require(
+        not (precision.startswith("16") and on_cpu),
+        "trainer.precision",
+        precision,
+        "bf16-mixed or 32-true on CPU (fp16 autocast and its GradScaler are for GPUs)",
+    )
     for key in ("accumulate_grad_batches", "log_every_n_steps"):
         if t.get(key) is not None:
             require_int(f"trainer.{key}", t.get(key), 1)
@@ -162,6 +170,8 @@ def check_trainer(cfg: DictConfig) -> None:
     )
     strategy = t.get("strategy")
     target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else ""
+    if target.endswith("FSDP2Strategy"):
+        _check_fsdp2(strategy, devices, t.get("num_nodes", 1))
     if target.endswith("FSDPStrategy") or strategy == "fsdp":
         require(
             accelerator in ("gpu", "cuda"),
@@ -174,3 +184,30 @@ def check_trainer(cfg: DictConfig) -> None:
             "trainer.strategy.ddp_comm_hook is set, but Lightning registers DDP communication "
             "hooks on CUDA devices only: on CPU the gradients are all-reduced uncompressed"
         )
+
+
+def _check_fsdp2(strategy: DictConfig, devices: Any, num_nodes: Any) -> None:
+    """trainer=fsdp: more than one rank, and a tensor-parallel size the ranks divide into."""
+    count = len(devices) if isinstance(devices, list) else devices
+    world = count * num_nodes if isinstance(count, int) and count > 0 else None
+    require(
+        world is None or world > 1,
+        "trainer.devices",
+        devices,
+        "2 or more with trainer=fsdp (it shards over ranks; one device: trainer=cpu or "
+        "trainer=gpu)",
+    )
+    tp = strategy.get("tensor_parallel_size", 1)
+    require_int("trainer.strategy.tensor_parallel_size", tp, 1)
+    require(
+        world is None or world % tp == 0,
+        "trainer.strategy.tensor_parallel_size",
+        tp,
+        f"a divisor of the {world} ranks (trainer.devices x trainer.num_nodes)",
+    )
+    require(
+        tp == 1,
+        "trainer.strategy.tensor_parallel_size",
+        tp,
+        "1: the models have no tensor-parallel plan yet; FSDP2 shards over all ranks",
+    )

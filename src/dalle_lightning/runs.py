@@ -38,7 +38,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dalle_lightning.checkpoints import read_checkpoint
+from dalle_lightning.checkpoints import (
+    checkpoint_exists,
+    is_sharded,
+    read_checkpoint,
+    read_sharded_meta,
+)
 from dalle_lightning.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,7 +89,7 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
         raise ConfigError("ckpt_path", ckpt_path, "a checkpoint file, or last (= resume=true)")
     if resume or ckpt_path == "last":
         path = Path(cfg.paths.output_dir) / LAST
-        if not path.is_file():
+        if not checkpoint_exists(path):
             raise ConfigError(
                 "resume",
                 True,
@@ -95,7 +100,10 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
         return None, 0
     else:
         path = Path(ckpt_path)
-    ckpt = read_checkpoint(path, "ckpt_path", bool(cfg.get("trust_checkpoint")), mmap=True)
+    if is_sharded(path):  # trainer=fsdp: Lightning loads the shards, the step is in meta.pt
+        ckpt = read_sharded_meta(path)
+    else:
+        ckpt = read_checkpoint(path, "ckpt_path", bool(cfg.get("trust_checkpoint")), mmap=True)
     step = int(ckpt.get("global_step", 0))
     log.info("resuming from %s (step %d)", path, step)
     return str(path), step
@@ -151,7 +159,7 @@ def collect_metrics(
         "optimized_metric": {"name": name, "value": metrics.get(name)},
         "checkpoints": {
             "best": (ckpt.best_model_path or None) if ckpt else None,
-            "last": str(last) if last is not None and last.is_file() else None,
+            "last": str(last) if last is not None and checkpoint_exists(last) else None,
         },
     }
 
@@ -190,6 +198,6 @@ def latest_checkpoint(log_dir: str | Path, task_name: str) -> Path | None:
         except (OSError, ValueError):
             continue
         for key in ("best", "last"):
-            if checkpoints.get(key) and Path(checkpoints[key]).is_file():
+            if checkpoints.get(key) and checkpoint_exists(checkpoints[key]):
                 return Path(checkpoints[key])
     return None

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import DictConfig, OmegaConf
 
-from dalle_lightning.checkpoints import file_sha256
+from dalle_lightning.checkpoints import file_sha256, require_file
 from dalle_lightning.config import (
     ConfigError,
     require,
@@ -149,8 +149,7 @@ def prior_stage(cfg: DictConfig) -> Stage:
 def resolve_dvae_ckpt(dvae_ckpt: str | None, log_dir: str) -> Path:
     """`model.dvae_ckpt`, or the best checkpoint of the newest finished dVAE run."""
     if dvae_ckpt is not None:
-        exists = Path(dvae_ckpt).is_file()
-        require(exists, "model.dvae_ckpt", dvae_ckpt, "an existing dVAE checkpoint")
+        require_file(dvae_ckpt, "model.dvae_ckpt", "an existing dVAE checkpoint")
         return Path(dvae_ckpt)
     found = latest_checkpoint(log_dir, "train_dvae")
     require(

@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from dalle_lightning.checkpoints import checkpoint_exists
 from dalle_lightning.config import require_int
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,6 @@ def _last_checkpoint(trainer) -> str:
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath:
         path = Path(callback.dirpath) / "last.ckpt"
-        if path.is_file():
+        if checkpoint_exists(path):
             return str(path)
     return "the newest checkpoints/last.ckpt (none written yet)"

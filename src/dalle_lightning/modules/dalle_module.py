@@ -28,6 +28,7 @@ from dalle_lightning.checkpoints import dalle_entries
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
+from dalle_lightning.modules.fsdp2 import FSDP2Strategy, sharded
 from dalle_lightning.modules.grids import log_grid
 from dalle_lightning.modules.losses import PriorLoss, prior_loss
 from dalle_lightning.modules.schedules import PlateauHalvings, PriorSchedule
@@ -77,8 +78,15 @@ class DalleModule(LightningModule):
         self._val_total = torch.zeros(2)
 
     def configure_model(self) -> None:
+        prior = self.model.prior
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy) and not sharded(prior):
+            # the frozen dVAE stays whole on every rank, outside the optimizer: it only decodes
+            # sample grids, which are off under sharding (see _log_samples)
+            heads = [prior.to_text_logits, prior.to_image_logits]  # fp32 islands
+            strategy.shard(prior, prior.blocks, fp32_islands=heads)
         if self.compile_prior:  # the teacher-forced forward; sampling runs eagerly
-            self.model.prior.compile()  # in place: the state dict keeps its keys
+            prior.compile()  # in place: the state dict keeps its keys
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule  # a TokenDataModule (stages.prior_stage)
@@ -115,6 +123,41 @@ class DalleModule(LightningModule):
         )
         return loss
 
+    def on_train_start(self) -> None:
+        """Log, once, the dtype the blocks compute in and the logits come out in (under
+        16-mixed / bf16-mixed the heads stay fp32 islands: models/fp32.py)."""
+        seen: dict[str, torch.dtype] = {}
+
+        def record(name: str):
+            def hook(_module, _inputs, output) -> None:
+                value = output[1] if isinstance(output, tuple) else output  # image logits
+                seen.setdefault(name, value.dtype)
+
+            return hook
+
+        prior = self.model.prior
+        linear = next(m for m in prior.blocks[0].modules() if isinstance(m, nn.Linear))
+        handles = [
+            linear.register_forward_hook(record("blocks")),  # the residual stream is fp32
+            prior.register_forward_hook(record("logits")),
+        ]
+        self._dtype_hooks = (handles, seen)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        hooks = getattr(self, "_dtype_hooks", None)
+        if hooks is None:
+            return
+        handles, seen = hooks
+        for handle in handles:
+            handle.remove()
+        self._dtype_hooks = None
+        log.info(
+            "precision %s: blocks compute in %s, logits in %s",
+            self.trainer.precision,
+            seen.get("blocks"),
+            seen.get("logits"),
+        )
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         p = self.loss.caption_dropout
         if p > 0:  # blank captions teach the unconditional prior guidance needs
@@ -143,7 +186,7 @@ class DalleModule(LightningModule):
         if count > 0 and self.plateau.update(float(total / count)):
             log.info("val/loss plateaued: learning rate x %s", self.schedule.plateau_factor)
         self.log("train/lr_halvings", float(self.plateau.halvings))
-        if self._sample_captions:
+        if self._sample_captions and not sharded(self.model.prior):
             self._log_samples()
 
     # optimisation ------------------------------------------------------------------------
@@ -182,7 +225,9 @@ class DalleModule(LightningModule):
     # samples -------------------------------------------------------------------------------
     @torch.no_grad()
     def _log_samples(self) -> None:
-        """Fixed val captions: their images through the dVAE (top) and sampled images."""
+        """Fixed val captions: their images through the dVAE (top) and sampled images.
+        Not under FSDP2: each sampled token would all-gather every block; sample from the
+        consolidated checkpoint instead (docs/scaling.md)."""
         captions = self._sample_captions
         tokens = self.trainer.datamodule.split_tokens("val")
         codes = tokens["codes"][: len(captions)].long().to(self.device)

@@ -30,7 +30,8 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from dalle_lightning.checkpoints import dvae_entries
 from dalle_lightning.config import ConfigError
-from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.models.dvae import DVAE, DVAEConfig, ResBlockGroup
+from dalle_lightning.modules.fsdp2 import FSDP2Strategy, sharded
 from dalle_lightning.modules.grids import log_grid
 from dalle_lightning.modules.losses import (
     DVAELoss,
@@ -90,8 +91,18 @@ class DVAEModule(LightningModule):
         self._logged_batch: Tensor | None = None
 
     def configure_model(self) -> None:
-        if self.channels_last:  # faster convolutions on CPU (oneDNN) and GPU (docs/speed.md)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        fsdp2 = isinstance(strategy, FSDP2Strategy)
+        # faster convolutions on CPU (oneDNN) and GPU (docs/speed.md); FSDP2 shards only
+        # contiguous weights, so under it the images alone are channels-last
+        if self.channels_last and not fsdp2:
             self.net.to(memory_format=torch.channels_last)
+        if fsdp2 and not sharded(self.net):
+            net = self.net
+            groups = [m for m in net.modules() if isinstance(m, ResBlockGroup)]
+            islands = [net.encoder.blocks.output, net.decoder.blocks.input]  # models/fp32.py
+            # evaluation runs the encoder and decoder through these, not through forward
+            strategy.shard(net, groups, islands, methods=("logits", "decode_stats"))
         if self.compile_net:  # in place: the state dict keeps its keys; tau stays outside
             self.net.encoder.compile()
             self.net.decoder.compile()
