@@ -177,7 +177,7 @@ def check_trainer(cfg: DictConfig) -> None:
             accelerator in ("gpu", "cuda"),
             "trainer.accelerator",
             accelerator,
-            "gpu: Lightning's FSDPStrategy runs on CUDA devices only (on CPU: trainer=ddp)",
+            "gpu: Lightning's FSDPStrategy runs on CUDA devices only (on CPU: trainer=fsdp, FSDP2)",
         )
     if isinstance(strategy, DictConfig) and strategy.get("ddp_comm_hook") and accelerator == "cpu":
         log.warning(
