@@ -44,6 +44,19 @@ NET = [
     "model.num_sample_captions=2",
 ]
 
+SAME_ON_EVERY_RANK = [  # a tiny prior run with no per-rank randomness: BPE-dropout, caption
+    "model=dalle",  # dropout (and so no guidance) off; 4 steps, validated at 2 and 4
+    "model.text.bpe_dropout=0",
+    "model.caption_dropout=0",
+    "model.sampling.cond_scale=1",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "logger=csv",
+    "test=false",
+    *DATA,
+    *NET,
+]
+
 
 def shapes(n: int = 24) -> ShapesDataModule:
     return ShapesDataModule(
@@ -326,19 +339,10 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_its_checkpoint_generat
     """trainer=ddp: two processes (gloo) with batch 2 each train the prior as one process with
     batch 4 does (same global batches, averaged gradients); rank 0 writes the run, and its
     checkpoint loads on one device."""
-    same = [  # no per-rank randomness: BPE-dropout, caption dropout (and so no guidance)
-        "model=dalle",
-        "model.text.bpe_dropout=0",
-        "model.caption_dropout=0",
-        "model.sampling.cond_scale=1",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
-        "logger=csv",
-        "test=false",
+    same = [
+        *SAME_ON_EVERY_RANK,
         f"model.dvae_ckpt={tiny_dvae}",
         f"paths.cache_dir={tmp_path / 'cache'}",
-        *DATA,
-        *NET,
     ]
     ddp = run_script(
         "train.py", *same, "trainer=ddp", "trainer.devices=2", f"paths.log_dir={tmp_path / 'ddp'}"

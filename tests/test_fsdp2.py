@@ -15,20 +15,8 @@ import torch
 
 from dalle_lightning.checkpoints import is_sharded
 from tests.conftest import run_script
-from tests.test_dalle_train import DATA, NET
+from tests.test_dalle_train import SAME_ON_EVERY_RANK
 
-PRIOR_RUN = [  # no per-rank randomness: BPE-dropout, caption dropout (and so no guidance)
-    "model=dalle",
-    "model.text.bpe_dropout=0",
-    "model.caption_dropout=0",
-    "model.sampling.cond_scale=1",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "logger=csv",
-    "test=false",
-    *DATA,
-    *NET,
-]
 FSDP = ["trainer=fsdp", "trainer.devices=2"]
 
 
@@ -36,7 +24,7 @@ def _prior(tmp_path: Path, tiny_dvae: Path, name: str, *extra: str) -> Path:
     """Train the tiny prior; returns its run directory."""
     run = run_script(
         "train.py",
-        *PRIOR_RUN,
+        *SAME_ON_EVERY_RANK,
         f"model.dvae_ckpt={tiny_dvae}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.log_dir={tmp_path / name}",
@@ -123,21 +111,28 @@ def test_fsdp2_shards_and_trains_the_prior_as_one_process_does_and_its_checkpoin
 
 def test_fsdp2_options_change_memory_and_compute_not_the_numbers(tiny_dvae, tmp_path):
     """Activation checkpointing (recompute in backward), keeping the gathered weights after
-    forward, and CPU offload give the plain FSDP2 run's val/loss exactly (fp32, same order of
-    operations), and the checkpoint's keys stay the model's own (no wrapper prefixes)."""
+    forward and CPU offload give the plain FSDP2 run's val/loss and weights exactly (fp32, the
+    same operations), and save_distributed_checkpoint=false writes one full file with the
+    model's own keys (no wrapper prefixes)."""
     plain = _prior(tmp_path, tiny_dvae, "plain", *FSDP)
     options = [
         "trainer.strategy.activation_checkpointing=true",
         "trainer.strategy.reshard_after_forward=false",
         "trainer.strategy.cpu_offload=true",
+        "trainer.strategy.save_distributed_checkpoint=false",
     ]
     tuned = _prior(tmp_path, tiny_dvae, "tuned", *FSDP, *options)
     assert "activation checkpointing True, reshard after forward False, CPU offload True" in (
         _logs(tuned)
     )
     assert _metrics(tuned)["metrics"]["val/loss"] == _metrics(plain)["metrics"]["val/loss"]
-    keys = set(_consolidate(tuned / "checkpoints" / "last.ckpt")["state_dict"])
-    assert keys == set(_consolidate(plain / "checkpoints" / "last.ckpt")["state_dict"])
+    full = tuned / "checkpoints" / "last.ckpt"
+    assert full.is_file()  # one file, written by rank 0
+    state = torch.load(full, weights_only=True)["state_dict"]
+    expected = _consolidate(plain / "checkpoints" / "last.ckpt")["state_dict"]
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
 
 
 @pytest.mark.parametrize("strategy", [["trainer=ddp", "trainer.devices=2"], FSDP])

@@ -172,6 +172,14 @@ def check_trainer(cfg: DictConfig) -> None:
     target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else ""
     if target.endswith("FSDP2Strategy"):
         _check_fsdp2(strategy, devices, t.get("num_nodes", 1))
+        model = str(OmegaConf.select(cfg, "model._target_", default=""))
+        require(
+            not model.endswith("ClipModule"),
+            "trainer",
+            "fsdp",
+            "ddp for model=clip (trainer=fsdp shards the dVAE and the prior; the CLIP "
+            "reranker is small enough to replicate)",
+        )
     if target.endswith("FSDPStrategy") or strategy == "fsdp":
         require(
             accelerator in ("gpu", "cuda"),
