@@ -219,7 +219,7 @@ def test_shapes_dalle_experiment_is_model_dalle(make_cfg):
         (["model=clip"], 1500, 64),  # no schedule/clip.yaml: trainer/default's budget
         (["model=dalle", "trainer.max_steps=7"], 7, 16),  # the command line wins
         (["model=dalle", "debug=limit"], 20, 16),  # debug configs win
-        (["experiment=paper_dalle"], 430_000, 2),  # experiments win
+        (["experiment=paper_dalle"], 430_000, 1),  # experiments win
     ],
 )
 def test_each_stage_has_its_own_step_budget(make_cfg, overrides, steps, batch):
