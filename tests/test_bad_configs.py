@@ -37,6 +37,11 @@ SMALL = ["dataset.num_val=8", "dataset.num_test=8", "trainer.max_steps=2", "logg
         ),
         ("trainer=fsdp trainer.strategy.param_dtype=fp8", "trainer.strategy.param_dtype", "bf16"),
         ("model=clip trainer=fsdp", "trainer", "ddp for model=clip"),
+        (
+            "model=dalle trainer=fsdp trainer.strategy.cpu_offload=maybe",
+            "trainer.strategy.cpu_offload",
+            "true or false",
+        ),
         ("model.optimizer.lr=0", "model.optimizer.lr", ">= 1e-12"),
         ("model.optimizer.weight_decay=-1", "model.optimizer.weight_decay", ">= 0"),
         ("model.optimizer.betas=[0.9]", "model.optimizer.betas", "two numbers"),
