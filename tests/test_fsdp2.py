@@ -209,3 +209,28 @@ def test_fsdp2_dvae_resumes_from_its_sharded_checkpoint_with_equal_weights(tmp_p
     assert set(ref) == set(a["state_dict"])
     for key, value in ref.items():
         torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fsdp2_prior_resumes_from_its_sharded_step_checkpoint_bitwise(tiny_dvae, tmp_path):
+    """The prior (BPE-dropout off) resumed under FSDP2 from the sharded checkpoint of step 4 of
+    an 8-step run ends with that run's weights, bitwise (same max_steps: the LR anneal is a
+    function of it)."""
+    keep = [
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "callbacks=[default]",
+        "callbacks.last_checkpoint.every_n_train_steps=4",
+        "callbacks.last_checkpoint.save_top_k=-1",
+        "+callbacks.last_checkpoint.filename='s{step}'",
+        "+callbacks.last_checkpoint.auto_insert_metric_name=false",
+    ]
+    full = _prior(tmp_path, tiny_dvae, "full", *FSDP, *keep)
+    step4 = full / "checkpoints" / "s4.ckpt"
+    resumed = _prior(tmp_path, tiny_dvae, "resumed", *FSDP, *keep, f"ckpt_path={step4}")
+    assert _metrics(resumed)["resumed_from"]["step"] == 4
+    a = _consolidate(full / "checkpoints" / "last.ckpt")
+    b = _consolidate(resumed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 8
+    assert a["lr_plateau"] == b["lr_plateau"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
