@@ -4,7 +4,9 @@ Stage 2 reads these codes instead of pixels, so its training step never runs the
 A cache file is keyed by the sha256 of the dVAE checkpoint file and by the dataset's identity
 (everything that decides its images and captions) and the split, so every run and sweep job
 with the same dVAE and data reuses it, and a different dVAE never reads stale codes. Files are
-written to a temporary name and renamed, so a killed run leaves no half-written cache.
+written to a temporary name and renamed, so a killed run leaves no half-written cache; and
+built under a file lock (`filelock`, <file>.lock), so runs started together (a parallel sweep,
+two users on one machine) build each file once: one builds, the others wait and load it.
 
 What it trades away: each image is encoded once, at its evaluation transform (fixed crop), so
 stage 2 sees no random crops or other augmentation of the images.
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -81,17 +84,23 @@ def load_or_encode(
 ) -> dict:
     """The cached codes and captions of `split`, encoding and saving them on first use."""
     path = cache_file(cache_dir, split, {"dvae": dvae_sha256, "data": identity, "split": split})
-    if path.is_file():
-        log.info("token cache: %s (%s)", path, split)
-        return torch.load(path, weights_only=True)
-    size = len(dataset) if hasattr(dataset, "__len__") else "all"  # a stream has no length
-    log.info("token cache: encoding %s %s images with the dVAE -> %s", size, split, path)
-    tokens = encode_dataset(dvae, dataset)
+    with _building(path):
+        if path.is_file():
+            log.info("token cache: %s (%s)", path, split)
+            return torch.load(path, weights_only=True)
+        size = len(dataset) if hasattr(dataset, "__len__") else "all"  # a stream has no length
+        log.info("token cache: encoding %s %s images with the dVAE -> %s", size, split, path)
+        tokens = encode_dataset(dvae, dataset)
+        partial = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(tokens, partial)
+        partial.replace(path)
+        return tokens
+
+
+def _building(path: Path) -> FileLock:
+    """The lock that one process holds while it checks for and builds `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(tokens, partial)
-    partial.replace(path)
-    return tokens
+    return FileLock(f"{path}.lock")
 
 
 def load_or_train_tokenizer(
@@ -102,19 +111,19 @@ def load_or_train_tokenizer(
     the ids of a resumed run. The prior and the in-project CLIP of one dataset share it."""
     path = cache_file(cache_dir, "tokenizer", {"data": identity, "vocab_size": vocab_size})
     path = path.with_suffix(".json")
-    if path.is_file():
-        log.info("BPE tokenizer: %s", path)
-        return BPETokenizer.load(path, vocab_size, text_seq_len)
-    tokenizer = BPETokenizer.train(captions, vocab_size, text_seq_len)
-    log.info(
-        "BPE tokenizer: %d ids learned (vocab_size %d) from %d training captions -> %s",
-        tokenizer.tokenizer.get_vocab_size(),
-        vocab_size,
-        len(captions),
-        path,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".tmp{os.getpid()}")
-    tokenizer.save(partial)
-    partial.replace(path)
-    return tokenizer
+    with _building(path):  # two trainings could break ties differently: one learns the ids
+        if path.is_file():
+            log.info("BPE tokenizer: %s", path)
+            return BPETokenizer.load(path, vocab_size, text_seq_len)
+        tokenizer = BPETokenizer.train(captions, vocab_size, text_seq_len)
+        log.info(
+            "BPE tokenizer: %d ids learned (vocab_size %d) from %d training captions -> %s",
+            tokenizer.tokenizer.get_vocab_size(),
+            vocab_size,
+            len(captions),
+            path,
+        )
+        partial = path.with_suffix(f".tmp{os.getpid()}")
+        tokenizer.save(partial)
+        partial.replace(path)
+        return tokenizer

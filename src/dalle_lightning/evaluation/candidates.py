@@ -7,7 +7,9 @@ Candidates: N = max(rerank_counts) images per caption, generated once and writte
 they are made: <pool>/<caption:06d>_<candidate:03d>.png. Captions are generated in fixed
 chunks whose random generator is seeded from (seed, split, chunk), so a chunk's images do
 not depend on which chunks ran before: a run killed mid-way and started again skips the
-finished chunks, regenerates the unfinished one, and ends with exactly the same pool.
+finished chunks, regenerates the unfinished one, and ends with exactly the same pool. Each
+chunk is made under a file lock (`filelock`), so evaluations of one pool started together
+(a parallel sweep) split the chunks between them instead of writing the same files at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import random
 from pathlib import Path
 
+from filelock import FileLock
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -73,23 +76,24 @@ def generate_pool(
     generated = reused = 0
     chunks = range(0, len(captions), per_chunk)
     bar = tqdm(total=len(captions), desc=f"{split}: captions ({n} candidates each)", unit="cap")
+    folder.mkdir(parents=True, exist_ok=True)
     for chunk, start in enumerate(chunks):
         stop = min(start + per_chunk, len(captions))
-        if all(p.is_file() for row in paths[start:stop] for p in row):
-            reused += (stop - start) * n
-            bar.update(stop - start)
-            bar.set_postfix(images=generated + reused)
-            continue
-        images = model.generate(
-            captions[start:stop],
-            n,
-            seed=chunk_seed(seed, split, chunk),
-            sampling=sampling,
-            batch_size=(stop - start) * n,
-        )
-        names = [candidate_name(i, j) for i in range(start, stop) for j in range(n)]
-        save_images(images, folder, names=names)
-        generated += len(names)
+        # one process makes a chunk; another evaluation of the same pool waits, then reuses it
+        with FileLock(folder / f".chunk{chunk:06d}.lock"):
+            if all(p.is_file() for row in paths[start:stop] for p in row):
+                reused += (stop - start) * n
+            else:
+                images = model.generate(
+                    captions[start:stop],
+                    n,
+                    seed=chunk_seed(seed, split, chunk),
+                    sampling=sampling,
+                    batch_size=(stop - start) * n,
+                )
+                names = [candidate_name(i, j) for i in range(start, stop) for j in range(n)]
+                save_images(images, folder, names=names)
+                generated += len(names)
         bar.update(stop - start)
         bar.set_postfix(images=generated + reused)
     bar.close()
