@@ -222,7 +222,7 @@ def test_val_and_test_of_one_source_share_one_token_cache(folder, tmp_path):
     tokens = TokenDataModule(dm, dvae, "sha", str(tmp_path / "cache"), TextConfig(64, 8))
     assert tokens.split_tokens("test") is tokens.split_tokens("val")  # encoded once
     assert tokens.split_tokens("train") is not tokens.split_tokens("val")
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == [
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.pt")) == [
         "train",
         "val",
     ]  # no separate test file

@@ -7,6 +7,8 @@ with the same dVAE and data reuses it, and a different dVAE never reads stale co
 written to a temporary name and renamed, so a killed run leaves no half-written cache; and
 built under a file lock (`filelock`, <file>.lock), so runs started together (a parallel sweep,
 two users on one machine) build each file once: one builds, the others wait and load it.
+Each file's sha256 is written beside it (<file>.sha256) and checked when it is loaded: a file
+whose bytes changed (a bad disk) or that does not load is reported, removed and rebuilt.
 
 What it trades away: each image is encoded once, at its evaluation transform (fixed crop), so
 stage 2 sees no random crops or other augmentation of the images.
@@ -18,19 +20,22 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from filelock import FileLock
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dalle_lightning.checkpoints import file_sha256
 from dalle_lightning.data.datamodule import collate_image_text
 from dalle_lightning.models.image_tokenizer import ImageTokenizer
 from dalle_lightning.text.tokenizer import BPETokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def cache_file(cache_dir: str | Path, name: str, key: dict) -> Path:
@@ -85,16 +90,57 @@ def load_or_encode(
     """The cached codes and captions of `split`, encoding and saving them on first use."""
     path = cache_file(cache_dir, split, {"dvae": dvae_sha256, "data": identity, "split": split})
     with _building(path):
-        if path.is_file():
+        tokens = _load_checked(path, lambda f: torch.load(f, weights_only=True))
+        if tokens is not None:
             log.info("token cache: %s (%s)", path, split)
-            return torch.load(path, weights_only=True)
+            return tokens
         size = len(dataset) if hasattr(dataset, "__len__") else "all"  # a stream has no length
         log.info("token cache: encoding %s %s images with the dVAE -> %s", size, split, path)
         tokens = encode_dataset(dvae, dataset)
-        partial = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(tokens, partial)
-        partial.replace(path)
+        _write_checked(path, lambda f: torch.save(tokens, f))
         return tokens
+
+
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_checked(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` through a temporary name, then its sha256 beside it."""
+    partial = path.with_suffix(f".tmp{os.getpid()}")
+    write(partial)
+    digest = file_sha256(partial)
+    partial.replace(path)
+    sums = _checksum_file(path)
+    partial_sums = sums.with_suffix(f".tmp{os.getpid()}")
+    partial_sums.write_text(digest + "\n")
+    partial_sums.replace(sums)
+
+
+def _load_checked(path: Path, read: Callable[[Path], T]) -> T | None:
+    """`read(path)` when the file is whole; None when it is missing, and (with a warning, the
+    file removed) when its bytes do not match the sha256 written with it or do not load: a
+    killed writer or a bad disk, never used silently. A file from before checksums were
+    written is adopted if it loads."""
+    if not path.is_file():
+        return None
+    sums = _checksum_file(path)
+    problem = None
+    if sums.is_file() and sums.read_text().strip() != file_sha256(path):
+        problem = "its bytes do not match the sha256 written with it"
+    else:
+        try:
+            value = read(path)
+        except Exception as err:  # truncated zip, bad JSON, ...
+            problem = f"it does not load ({type(err).__name__}: {err})"
+    if problem is not None:
+        log.warning("cache file %s is corrupt (%s): rebuilding it", path, problem)
+        path.unlink()
+        sums.unlink(missing_ok=True)
+        return None
+    if not sums.is_file():
+        sums.write_text(file_sha256(path) + "\n")
+    return value
 
 
 def _building(path: Path) -> FileLock:
@@ -112,9 +158,10 @@ def load_or_train_tokenizer(
     path = cache_file(cache_dir, "tokenizer", {"data": identity, "vocab_size": vocab_size})
     path = path.with_suffix(".json")
     with _building(path):  # two trainings could break ties differently: one learns the ids
-        if path.is_file():
+        loaded = _load_checked(path, lambda f: BPETokenizer.load(f, vocab_size, text_seq_len))
+        if loaded is not None:
             log.info("BPE tokenizer: %s", path)
-            return BPETokenizer.load(path, vocab_size, text_seq_len)
+            return loaded
         tokenizer = BPETokenizer.train(captions, vocab_size, text_seq_len)
         log.info(
             "BPE tokenizer: %d ids learned (vocab_size %d) from %d training captions -> %s",
@@ -123,7 +170,5 @@ def load_or_train_tokenizer(
             len(captions),
             path,
         )
-        partial = path.with_suffix(f".tmp{os.getpid()}")
-        tokenizer.save(partial)
-        partial.replace(path)
+        _write_checked(path, tokenizer.save)
         return tokenizer

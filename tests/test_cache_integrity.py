@@ -1,0 +1,63 @@
+"""A damaged token-cache or tokenizer file (a byte flipped by a bad disk, a file cut short by a
+killed writer) is detected on load, reported, removed and rebuilt: never used silently."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dalle_lightning.data.token_cache import load_or_encode, load_or_train_tokenizer
+from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from tests.test_file_locks import CAPTIONS, SlowImages
+
+
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_token_cache_is_rebuilt(tmp_path, caplog, how):
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))
+    build = lambda: load_or_encode(dvae, "sha", {"d": 1}, SlowImages(), "train", tmp_path)  # noqa: E731
+    first = build()
+    (path,) = tmp_path.glob("train-*.pt")
+    assert path.with_name(path.name + ".sha256").is_file()
+    _damage(path, how)
+    with caplog.at_level(logging.INFO):
+        again = build()
+    assert f"cache file {path} is corrupt" in caplog.text
+    assert "encoding" in caplog.text  # rebuilt, not read
+    assert torch.equal(again["codes"], first["codes"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        build()
+    assert "corrupt" not in caplog.text and "encoding" not in caplog.text  # whole again
+
+
+def test_a_damaged_tokenizer_file_is_relearned(tmp_path, caplog):
+    first = load_or_train_tokenizer(CAPTIONS, {"d": 1}, 64, 8, tmp_path)
+    (path,) = tmp_path.glob("tokenizer-*.json")
+    _damage(path, "truncate")
+    with caplog.at_level(logging.INFO):
+        again = load_or_train_tokenizer(CAPTIONS, {"d": 1}, 64, 8, tmp_path)
+    assert "is corrupt" in caplog.text and " ids learned " in caplog.text
+    assert again.tokenizer.get_vocab_size() == first.tokenizer.get_vocab_size()
+
+
+def test_a_cache_file_from_before_checksums_is_adopted(tmp_path, caplog):
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))
+    load_or_encode(dvae, "sha", {"d": 1}, SlowImages(), "train", tmp_path)
+    (sums,) = tmp_path.glob("train-*.pt.sha256")
+    sums.unlink()  # what an older version wrote: the file alone
+    with caplog.at_level(logging.INFO):
+        load_or_encode(dvae, "sha", {"d": 1}, SlowImages(), "train", tmp_path)
+    assert "encoding" not in caplog.text and sums.is_file()
