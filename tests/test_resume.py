@@ -121,6 +121,43 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == list(range(40))  # purged, no repeats
 
 
+def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(tmp_path):
+    """SIGTERM (what SLURM and spot instances send before a kill) mid-epoch: the run stops at
+    the next batch boundary, writes last.ckpt at that step (not only at the last 4-step
+    save), exits with code 4 and one line saying how to resume; resumed, it ends bitwise equal
+    to an uninterrupted run."""
+    full = _train(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    stopped_dir = tmp_path / "stopped"
+    cmd = [sys.executable, "train.py", *RUN, f"paths.log_dir={stopped_dir}"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not list(stopped_dir.glob("train_dvae/runs/*/checkpoints/last.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before SIGTERM"
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere between two 4-step saves
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 4, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert lines == [lines[0]] and "received SIGTERM" in lines[0] and "resume=true" in lines[0]
+    stopped_at = torch.load(_last(stopped_dir), weights_only=True)["global_step"]
+    assert 0 < stopped_at < 40, f"SIGTERM came too late (step {stopped_at}) to test anything"
+    (log_file,) = stopped_dir.glob("train_dvae/runs/*/train_dvae.log")
+    assert f"SIGTERM: training stopped at step {stopped_at};" in log_file.read_text()
+
+    resumed = _train(stopped_dir, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    b = torch.load(_last(stopped_dir), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 40
+    for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
+        _assert_same_tensors(a[key], b[key], key)
+
+
 @pytest.mark.parametrize("step_seed", [True, False])
 def test_resume_from_a_step_checkpoint_matches_only_with_step_seeding(tmp_path, step_seed):
     """The equality is not free: without re-seeding per step the Gumbel noise differs."""

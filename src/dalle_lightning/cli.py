@@ -12,11 +12,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 from dalle_lightning.callbacks.nonfinite import NonFiniteError
 from dalle_lightning.config import ConfigError
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_DIVERGED = 3
+EXIT_PREEMPTED = 4
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
@@ -32,6 +35,12 @@ def exit_on_user_error() -> Iterator[None]:
         fail(str(err))
     except NonFiniteError as err:
         fail(str(err), EXIT_TRAINING_DIVERGED)
+    except SIGTERMException:
+        fail(
+            "received SIGTERM: training stopped at a step boundary and checkpoints/last.ckpt "
+            "holds it; continue with the same command and resume=true",
+            EXIT_PREEMPTED,
+        )
 
 
 def group_options(conf_dir: Path, group: str) -> list[str]:
