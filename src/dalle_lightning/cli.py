@@ -7,6 +7,7 @@ turns a `ConfigError` raised while building the run into one line.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,9 @@ from dalle_lightning.config import ConfigError
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_DIVERGED = 3
 EXIT_PREEMPTED = 4
+EXIT_WRITE_FAILED = 5
+# a full disk, a quota, a read-only or unwritable directory: the run cannot save its work
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
@@ -35,6 +39,16 @@ def exit_on_user_error() -> Iterator[None]:
         fail(str(err))
     except NonFiniteError as err:
         fail(str(err), EXIT_TRAINING_DIVERGED)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        where = err.filename or "a file"
+        fail(
+            f"could not write {where}: {err.strerror}. Everything written before is complete "
+            "(files are written to a temporary name, then renamed); free space or fix the "
+            "permissions, then rerun (with resume=true to continue training)",
+            EXIT_WRITE_FAILED,
+        )
     except SIGTERMException:
         fail(
             "received SIGTERM: training stopped at a step boundary and checkpoints/last.ckpt "

@@ -183,8 +183,15 @@ def _overrides() -> list[str]:
 
 
 def write_metrics(path: Path, summary: dict) -> None:
+    """metrics.json, through a temporary file and a rename: a full disk leaves the previous
+    file (or none), never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(json.dumps(summary, indent=2) + "\n")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def latest_checkpoint(log_dir: str | Path, task_name: str) -> Path | None:

@@ -108,13 +108,17 @@ def _checksum_file(path: Path) -> Path:
 def _write_checked(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` through a temporary name, then its sha256 beside it."""
     partial = path.with_suffix(f".tmp{os.getpid()}")
-    write(partial)
-    digest = file_sha256(partial)
-    partial.replace(path)
     sums = _checksum_file(path)
     partial_sums = sums.with_suffix(f".tmp{os.getpid()}")
-    partial_sums.write_text(digest + "\n")
-    partial_sums.replace(sums)
+    try:  # a full disk leaves no partial file behind
+        write(partial)
+        digest = file_sha256(partial)
+        partial.replace(path)
+        partial_sums.write_text(digest + "\n")
+        partial_sums.replace(sums)
+    finally:
+        partial.unlink(missing_ok=True)
+        partial_sums.unlink(missing_ok=True)
 
 
 def _load_checked(path: Path, read: Callable[[Path], T]) -> T | None:
