@@ -23,16 +23,10 @@ from dalle_lightning.config import (
     require_float,
     require_int,
 )
+from dalle_lightning.modules.fsdp2 import check_options
 
 log = logging.getLogger(__name__)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-FSDP2_DTYPES = ("auto", "bf16", "fp16", "fp32")
-FSDP2_FLAGS = (
-    "reshard_after_forward",
-    "activation_checkpointing",
-    "cpu_offload",
-    "save_distributed_checkpoint",
-)
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
 
@@ -212,11 +206,7 @@ def _check_fsdp2(strategy: DictConfig, devices: Any, num_nodes: Any) -> None:
         "2 or more with trainer=fsdp (it shards over ranks; one device: trainer=cpu or "
         "trainer=gpu)",
     )
-    at = "trainer.strategy"
-    require_choice(f"{at}.param_dtype", strategy.get("param_dtype", "auto"), FSDP2_DTYPES)
-    require_choice(f"{at}.reduce_dtype", strategy.get("reduce_dtype", "fp32"), FSDP2_DTYPES[1:])
-    for flag in FSDP2_FLAGS:
-        require_bool(f"{at}.{flag}", strategy.get(flag, False))
+    check_options(strategy)
     tp = strategy.get("tensor_parallel_size", 1)
     require_int("trainer.strategy.tensor_parallel_size", tp, 1)
     require(

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from dalle_lightning.cli import check_group_choices, exit_on_user_error
 from dalle_lightning.config import ConfigError, require, require_int, typed
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
+from dalle_lightning.modules.fsdp2 import compute_dtype_name
 from dalle_lightning.runs import register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -189,10 +190,8 @@ def setup_from(cfg: DictConfig, image_vocab: int, grid_size: int | None) -> Setu
         "FSDP2Strategy"
     )
     precision = str(t.get("precision", "32-true"))
-    compute = {"bf16-mixed": "bf16", "16-mixed": "fp16", "bf16-true": "bf16", "16-true": "fp16"}
-    dtype = compute.get(precision, "fp32")
-    if sharded and strategy.get("param_dtype", "auto") != "auto":
-        dtype = strategy.param_dtype
+    param_dtype = strategy.get("param_dtype", "auto") if sharded else "auto"
+    dtype = compute_dtype_name(param_dtype, precision)
     # autocast alone keeps the residual stream fp32; FSDP2's param dtype makes it the compute's
     residual = dtype if sharded or precision.endswith("-true") else "fp32"
     return Setup(
