@@ -119,13 +119,16 @@ def consolidate(path: str | Path, out: str | Path) -> dict:
     meta = read_sharded_meta(path)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    dcp_to_torch_save(path, tmp)  # every shard, whole, on this process (no process group)
-    state = torch.load(tmp, map_location="cpu", weights_only=True)
-    if "state_dict" not in state:
-        raise ConfigError("path", str(path), "a checkpoint with a state_dict: none was saved")
-    ckpt = {**meta, "state_dict": state["state_dict"], "consolidated_from": str(path)}
-    torch.save(ckpt, tmp)
-    tmp.replace(out)
+    try:
+        dcp_to_torch_save(path, tmp)  # every shard, whole, on this process (no process group)
+        state = torch.load(tmp, map_location="cpu", weights_only=True)
+        if "state_dict" not in state:
+            raise ConfigError("path", str(path), "a checkpoint with a state_dict: none was saved")
+        ckpt = {**meta, "state_dict": state["state_dict"], "consolidated_from": str(path)}
+        torch.save(ckpt, tmp)
+        tmp.replace(out)
+    finally:  # a failed write (a full disk) leaves no partial file
+        tmp.unlink(missing_ok=True)
     return ckpt
 
 

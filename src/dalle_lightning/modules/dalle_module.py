@@ -76,6 +76,7 @@ class DalleModule(LightningModule):
         self.plateau = PlateauHalvings(schedule)
         self._sample_captions: list[str] = []
         self._val_total = torch.zeros(2)
+        self._dtype_hooks: tuple[list, dict] | None = None  # on_train_start to the first batch
 
     def configure_model(self) -> None:
         prior = self.model.prior
@@ -144,10 +145,9 @@ class DalleModule(LightningModule):
         self._dtype_hooks = (handles, seen)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        hooks = getattr(self, "_dtype_hooks", None)
-        if hooks is None:
+        if self._dtype_hooks is None:
             return
-        handles, seen = hooks
+        handles, seen = self._dtype_hooks
         for handle in handles:
             handle.remove()
         self._dtype_hooks = None
