@@ -16,8 +16,16 @@ import torch
 from dalle_lightning.checkpoints import is_sharded
 from tests.conftest import run_script
 from tests.test_dalle_train import SAME_ON_EVERY_RANK
+from tests.test_resume import KEEP_STEP_CHECKPOINTS
 
 FSDP = ["trainer=fsdp", "trainer.devices=2"]
+EIGHT_STEPS_SAVED_EVERY_4 = [  # s4.ckpt and s8.ckpt kept: a run to resume from step 4
+    "trainer.max_steps=8",
+    "trainer.val_check_interval=4",
+    "callbacks=[default]",
+    "callbacks.last_checkpoint.every_n_train_steps=4",
+    *KEEP_STEP_CHECKPOINTS,
+]
 
 
 def _prior(tmp_path: Path, tiny_dvae: Path, name: str, *extra: str) -> Path:
@@ -169,13 +177,7 @@ DVAE_RUN = [
     "dataset.num_test=8",
     "dataset.eval_batch_size=8",
     "trainer.accelerator=cpu",
-    "trainer.max_steps=8",
-    "trainer.val_check_interval=4",
-    "callbacks=[default]",
-    "callbacks.last_checkpoint.every_n_train_steps=4",
-    "callbacks.last_checkpoint.save_top_k=-1",
-    "+callbacks.last_checkpoint.filename='s{step}'",
-    "+callbacks.last_checkpoint.auto_insert_metric_name=false",
+    *EIGHT_STEPS_SAVED_EVERY_4,
     "logger=csv",
     "test=false",
 ]
@@ -215,15 +217,7 @@ def test_fsdp2_prior_resumes_from_its_sharded_step_checkpoint_bitwise(tiny_dvae,
     """The prior (BPE-dropout off) resumed under FSDP2 from the sharded checkpoint of step 4 of
     an 8-step run ends with that run's weights, bitwise (same max_steps: the LR anneal is a
     function of it)."""
-    keep = [
-        "trainer.max_steps=8",
-        "trainer.val_check_interval=4",
-        "callbacks=[default]",
-        "callbacks.last_checkpoint.every_n_train_steps=4",
-        "callbacks.last_checkpoint.save_top_k=-1",
-        "+callbacks.last_checkpoint.filename='s{step}'",
-        "+callbacks.last_checkpoint.auto_insert_metric_name=false",
-    ]
+    keep = EIGHT_STEPS_SAVED_EVERY_4
     full = _prior(tmp_path, tiny_dvae, "full", *FSDP, *keep)
     step4 = full / "checkpoints" / "s4.ckpt"
     resumed = _prior(tmp_path, tiny_dvae, "resumed", *FSDP, *keep, f"ckpt_path={step4}")

@@ -65,6 +65,19 @@ def _full_and_resumed_from_step_4(tmp_path: Path, *extra: str) -> tuple[dict, di
     return full_last, torch.load(_last(tmp_path / "resumed"), weights_only=True)
 
 
+def _start_past_its_first_checkpoint(log_dir: Path, stderr) -> subprocess.Popen:
+    """The RUN in a subprocess, returned once it has written last.ckpt and trained a little
+    further: somewhere between two 4-step saves, where a signal tests something."""
+    cmd = [sys.executable, "train.py", *RUN, f"paths.log_dir={log_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    deadline = time.time() + 120
+    while not list(log_dir.glob("train_dvae/runs/*/checkpoints/last.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the signal"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    return proc
+
+
 def _last(log_dir: Path) -> Path:
     (path,) = log_dir.glob("train_dvae/runs/*/checkpoints/last.ckpt")
     return path
@@ -87,13 +100,7 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    cmd = [sys.executable, "train.py", *RUN, f"paths.log_dir={killed_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(killed_dir.glob("train_dvae/runs/*/checkpoints/last.ckpt")):
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the kill"
-        time.sleep(0.02)
-    time.sleep(0.3)  # somewhere between two checkpoints
+    proc = _start_past_its_first_checkpoint(killed_dir, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(_last(killed_dir), weights_only=True)["global_step"]
@@ -130,15 +137,7 @@ def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(tmp_
     assert full.returncode == 0, full.stderr[-3000:]
 
     stopped_dir = tmp_path / "stopped"
-    cmd = [sys.executable, "train.py", *RUN, f"paths.log_dir={stopped_dir}"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 120
-    while not list(stopped_dir.glob("train_dvae/runs/*/checkpoints/last.ckpt")):
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before SIGTERM"
-        time.sleep(0.02)
-    time.sleep(0.3)  # somewhere between two 4-step saves
+    proc = _start_past_its_first_checkpoint(stopped_dir, stderr=subprocess.PIPE)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 4, stderr[-3000:]
