@@ -35,7 +35,8 @@ TINY = [
 def test_prints_one_json_object_with_the_documented_keys(capsys):
     main(TINY)
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"prior_train", "generate", "dvae_train", "dvae_encode", "config"}
+    parts = {"prior_train", "generate", "dvae_train", "dvae_encode", "caption_encode"}
+    assert set(result) == parts | {"config"}
     assert set(result["prior_train"]) == {"seconds_per_step", "tokens_per_s"}
     assert set(result["generate"]) == {"seconds_per_batch", "images_per_s"}
     assert set(result["dvae_train"]) == {"seconds_per_step", "images_per_s"}
@@ -45,6 +46,15 @@ def test_prints_one_json_object_with_the_documented_keys(capsys):
     gen = result["generate"]
     assert gen["images_per_s"] == pytest.approx(2 / gen["seconds_per_batch"])
     assert result["config"]["grid"] == 4 and result["config"]["batch"] == 2
+    text = result["caption_encode"]
+    share = text["seconds_per_batch_seeded_dropout"] / prior["seconds_per_step"]
+    assert text["seeded_share_of_prior_step"] == pytest.approx(share)
+    assert set(text) == {
+        "seconds_per_batch_no_dropout",
+        "seconds_per_batch_seeded_dropout",
+        "seconds_per_batch_hf_dropout",
+        "seeded_share_of_prior_step",
+    }
 
 
 def test_only_runs_a_subset(capsys):

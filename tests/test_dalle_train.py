@@ -44,9 +44,9 @@ NET = [
     "model.num_sample_captions=2",
 ]
 
-SAME_ON_EVERY_RANK = [  # a tiny prior run with no per-rank randomness: BPE-dropout, caption
-    "model=dalle",  # dropout (and so no guidance) off; 4 steps, validated at 2 and 4
-    "model.text.bpe_dropout=0",
+SAME_ON_EVERY_RANK = [  # a tiny prior run with no per-rank randomness in the model: caption
+    "model=dalle",  # dropout (and so guidance) off; BPE-dropout stays on: it is drawn per item
+    # by (seed, epoch, index), the same whichever rank takes the item; 4 steps, validated at 2, 4
     "model.caption_dropout=0",
     "model.sampling.cond_scale=1",
     "trainer.max_steps=4",

@@ -20,7 +20,7 @@ from dalle_lightning.data.token_cache import encode_dataset
 from dalle_lightning.data.token_datamodule import TokenDataModule, TokenDataset
 from dalle_lightning.instantiate import build
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
-from dalle_lightning.text.tokenizer import TextConfig
+from dalle_lightning.text.tokenizer import BPETokenizer, TextConfig
 
 # the real COCO files of ../shared/assets (see its README), found beside any parent folder
 COCO_MINI = next(
@@ -199,10 +199,14 @@ def test_token_cache_keeps_every_caption_and_training_draws_among_them(folder):
     assert tokens["codes"].shape == (2, 8, 8)
     assert tokens["captions"] == ["a red thing", "a green thing"]
     assert tokens["all_captions"] == [["a red thing"], ["a green thing", "green"]]
+    tokenizer = BPETokenizer.train(["a red thing", "a green thing", "green"], 40, 8)
     torch.manual_seed(0)
-    drawn = {TokenDataset(tokens, random_caption=True)[1]["caption"] for _ in range(20)}
+    training = TokenDataset(tokens, tokenizer, random_caption=True)
+    drawn = {training[1]["caption"] for _ in range(20)}
     assert drawn == {"a green thing", "green"}
-    assert TokenDataset(tokens)[1]["caption"] == "a green thing"
+    item = TokenDataset(tokens, tokenizer)[1]
+    assert item["caption"] == "a green thing"
+    assert torch.equal(item["text"], tokenizer.encode(["a green thing"])[0])
 
 
 @pytest.mark.parametrize("option", ["coco", "cub", "folder"])

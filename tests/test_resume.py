@@ -20,6 +20,7 @@ from dalle_lightning.checkpoints import read_checkpoint
 from dalle_lightning.config import ConfigError
 from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws
 from tests.conftest import ROOT, run_script
+from tests.test_dalle_train import DATA, NET
 
 RUN = [
     "model=dvae",
@@ -65,21 +66,23 @@ def _full_and_resumed_from_step_4(tmp_path: Path, *extra: str) -> tuple[dict, di
     return full_last, torch.load(_last(tmp_path / "resumed"), weights_only=True)
 
 
-def _start_past_its_first_checkpoint(log_dir: Path, stderr) -> subprocess.Popen:
-    """The RUN in a subprocess, returned once it has written last.ckpt and trained a little
-    further: somewhere between two 4-step saves, where a signal tests something."""
-    cmd = [sys.executable, "train.py", *RUN, f"paths.log_dir={log_dir}"]
+def _start_past_its_first_checkpoint(
+    log_dir: Path, stderr, run: list[str] = RUN, stage: str = "train_dvae", wait: float = 0.3
+) -> subprocess.Popen:
+    """`run` in a subprocess, returned once it has written last.ckpt and trained `wait`
+    seconds further: somewhere between two 4-step saves, where a signal tests something."""
+    cmd = [sys.executable, "train.py", *run, f"paths.log_dir={log_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     deadline = time.time() + 120
-    while not list(log_dir.glob("train_dvae/runs/*/checkpoints/last.ckpt")):
+    while not list(log_dir.glob(f"{stage}/runs/*/checkpoints/last.ckpt")):
         assert proc.poll() is None and time.time() < deadline, "no checkpoint before the signal"
         time.sleep(0.02)
-    time.sleep(0.3)
+    time.sleep(wait)
     return proc
 
 
-def _last(log_dir: Path) -> Path:
-    (path,) = log_dir.glob("train_dvae/runs/*/checkpoints/last.ckpt")
+def _last(log_dir: Path, stage: str = "train_dvae") -> Path:
+    (path,) = log_dir.glob(f"{stage}/runs/*/checkpoints/last.ckpt")
     return path
 
 
@@ -154,6 +157,42 @@ def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(tmp_
     b = torch.load(_last(stopped_dir), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
+        _assert_same_tensors(a[key], b[key], key)
+
+
+def test_default_stage_2_sigkilled_then_resumed_ends_bitwise_equal(tmp_path, tiny_dvae):
+    """The prior with model=dalle's defaults, BPE-dropout 0.1 and caption dropout included
+    (a tiny net and dVAE, 40 steps, 16 batches per epoch)."""
+    run = [
+        "model=dalle",
+        f"model.dvae_ckpt={tiny_dvae}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *DATA,
+        *NET,
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=10",
+        "callbacks.last_checkpoint.every_n_train_steps=4",
+        "~callbacks.rich_progress_bar",
+        "logger=csv",
+        "test=false",
+    ]
+    assert "model.text.bpe_dropout=0" not in run
+    full = run_script("train.py", *run, f"paths.log_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = _start_past_its_first_checkpoint(killed_dir, subprocess.DEVNULL, run, "train_dalle", 0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(_last(killed_dir, "train_dalle"), weights_only=True)["global_step"]
+    assert 0 < killed_at < 40, f"the kill came too late (step {killed_at}) to test anything"
+
+    resumed = run_script("train.py", *run, f"paths.log_dir={killed_dir}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(_last(tmp_path / "full", "train_dalle"), weights_only=True)
+    b = torch.load(_last(killed_dir, "train_dalle"), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 40
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
         _assert_same_tensors(a[key], b[key], key)
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 
 from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset
 from dalle_lightning.text.tokenizer import BPETokenizer
+from tests.conftest import ROOT
 
 CAPTIONS = [ShapesDataset(ShapesConfig(), "train", 400).render(i)[1] for i in range(400)]
 
@@ -59,3 +63,23 @@ def test_state_round_trip(tmp_path):
     tok.save(tmp_path / "tokenizer.json")
     loaded = BPETokenizer.load(tmp_path / "tokenizer.json", tok.vocab_size, tok.text_seq_len)
     assert torch.equal(loaded.encode(CAPTIONS[:20]), tok.encode(CAPTIONS[:20]))
+
+
+def test_training_gives_the_same_file_in_every_process():
+    """HF numbers single characters in a per-process hash order; the ids are renumbered, so a
+    fresh `logs/` learns the same tokenizer (the runs of a recipe can repeat bitwise)."""
+    program = (
+        "import hashlib, sys; sys.path.insert(0, '.'); "
+        "from tests.test_tokenizer import make; "
+        "print(hashlib.sha256(make(200, 16).tokenizer.to_str().encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(3)
+    }
+    assert len(digests) == 1
+    tok = make(200, 16)
+    assert tok.tokenizer.token_to_id("[UNK]") == 0
+    assert tok.decode(tok.encode(CAPTIONS[:1])[0]) == CAPTIONS[0].lower()

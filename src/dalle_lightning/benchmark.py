@@ -9,6 +9,9 @@ generate     sampling a full image per caption with the KV cache, plus dVAE deco
              seconds_per_batch and images_per_s (complete decoded images per second)
 dvae_train   one AdamW step of the dVAE (Gumbel-softmax, logit-Laplace + KL): images_per_s
 dvae_encode  argmax codes of images: images_per_s
+caption_encode  BPE ids of a batch of shapes captions (what a stage-2 training item costs):
+             seconds_per_batch without dropout, with our seeded BPE-dropout 0.1 and with HF's
+             unseeded one, and the seeded one's share of a prior_train step when both ran
 
 Random weights and inputs (speed does not depend on them); fp32 on CPU, or on the GPU when
 `--device cuda`. Timings are medians over `--repeats` runs after `--warmup` runs.
@@ -25,12 +28,14 @@ from collections.abc import Callable
 
 import torch
 
+from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import kl_to_uniform, logit_laplace_nll, prior_loss
 from dalle_lightning.sampling.sampler import sample_codes
+from dalle_lightning.text.tokenizer import BPETokenizer
 
-PARTS = ("prior_train", "generate", "dvae_train", "dvae_encode")
+PARTS = ("prior_train", "generate", "dvae_train", "dvae_encode", "caption_encode")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,6 +167,33 @@ def run(args: argparse.Namespace) -> dict:
     if "dvae_encode" in wanted:
         s = t(lambda: dvae.encode(images))
         result["dvae_encode"] = {"images_per_s": B / s}
+
+    if "caption_encode" in wanted:
+        captions = [ShapesDataset(ShapesConfig(), "train", 512).render(i)[1] for i in range(512)]
+        tokenizer = BPETokenizer.train(captions, args.text_vocab, T)
+        batches = [captions[i : i + B] for i in range(0, len(captions) - B + 1, B)]
+
+        def encode_all(dropout: float) -> None:
+            for batch in batches:
+                tokenizer.encode(batch, dropout)
+
+        def hf_dropout_all() -> None:  # HF's own BPE-dropout (unseeded), for comparison
+            tokenizer.tokenizer.model.dropout = 0.1
+            try:
+                encode_all(0.0)
+            finally:
+                tokenizer.tokenizer.model.dropout = None
+
+        per_batch = lambda s: s / len(batches)  # noqa: E731
+        seeded = per_batch(t(lambda: encode_all(0.1)))
+        result["caption_encode"] = {
+            "seconds_per_batch_no_dropout": per_batch(t(lambda: encode_all(0.0))),
+            "seconds_per_batch_seeded_dropout": seeded,
+            "seconds_per_batch_hf_dropout": per_batch(t(hf_dropout_all)),
+        }
+        if "prior_train" in result:
+            share = seeded / result["prior_train"]["seconds_per_step"]
+            result["caption_encode"]["seeded_share_of_prior_step"] = share
 
     result["config"] = {
         **{k: v for k, v in vars(args).items() if k != "only"},

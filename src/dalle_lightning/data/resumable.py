@@ -13,7 +13,8 @@
   loader protocol: Lightning stores {epoch, batches done} in every checkpoint and loads it before
   it iterates again, so a resumed epoch continues with the batch after the last trained one
   (counted by the trainer, not by the loader, which prefetches ahead).
-BPE-dropout is not covered: HF `tokenizers` draws it from an unseeded generator in Rust.
+BPE-dropout is covered too: the stage-2 dataset draws it from the same generator
+(`text/bpe_dropout.py`).
 """
 
 from __future__ import annotations

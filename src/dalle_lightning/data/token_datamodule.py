@@ -22,12 +22,22 @@ log = logging.getLogger(__name__)
 
 
 class TokenDataset(Dataset):
-    """Cached codes with a caption: with `random_caption` (training) one of the image's
-    captions drawn each time when the cache holds several (COCO: ~5), else its first."""
+    """Cached codes with a caption and its BPE ids: with `random_caption` (training) one of the
+    image's captions drawn each time when the cache holds several (COCO: ~5), else its first;
+    BPE-dropout `dropout`. Both draw from torch's generator, which the training loader seeds
+    per item by (seed, epoch, index) (`resumable.SeededDraws`): a run repeats and resumes
+    bitwise with dropout on."""
 
-    def __init__(self, tokens: dict, random_caption: bool = False):
+    def __init__(
+        self,
+        tokens: dict,
+        tokenizer: BPETokenizer,
+        random_caption: bool = False,
+        dropout: float = 0.0,
+    ):
         self.codes, self.captions = tokens["codes"], tokens["captions"]
         self.all_captions = tokens.get("all_captions") if random_caption else None
+        self.tokenizer, self.dropout = tokenizer, dropout
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -37,22 +47,19 @@ class TokenDataset(Dataset):
         if self.all_captions is not None:
             options = self.all_captions[index]
             caption = options[int(torch.randint(len(options), ()))]
-        return {"codes": self.codes[index].flatten().long(), "caption": caption}
-
-
-class TokenCollate:
-    """Tokenizes a batch of captions (with BPE-dropout `dropout`) and stacks their codes."""
-
-    def __init__(self, tokenizer: BPETokenizer, dropout: float = 0.0):
-        self.tokenizer, self.dropout = tokenizer, dropout
-
-    def __call__(self, items: list[dict]) -> dict:
-        captions = [it["caption"] for it in items]
         return {
-            "text": self.tokenizer.encode(captions, self.dropout),
-            "codes": torch.stack([it["codes"] for it in items]),
-            "caption": captions,
+            "text": self.tokenizer.encode([caption], self.dropout)[0],
+            "codes": self.codes[index].flatten().long(),
+            "caption": caption,
         }
+
+
+def collate_tokens(items: list[dict]) -> dict:
+    return {
+        "text": torch.stack([it["text"] for it in items]),
+        "codes": torch.stack([it["codes"] for it in items]),
+        "caption": [it["caption"] for it in items],
+    }
 
 
 class TokenDataModule(LightningDataModule):
@@ -132,9 +139,9 @@ class TokenDataModule(LightningDataModule):
             )
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        collate = TokenCollate(self.tokenizer, self.text.bpe_dropout if train else 0.0)
-        dataset = TokenDataset(self.split_tokens(split), random_caption=train)
-        return self.images.make_loader(dataset, train, collate, owner=self)
+        dropout = self.text.bpe_dropout if train else 0.0
+        dataset = TokenDataset(self.split_tokens(split), self.tokenizer, train, dropout)
+        return self.images.make_loader(dataset, train, collate_tokens, owner=self)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

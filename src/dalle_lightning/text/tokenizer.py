@@ -3,7 +3,9 @@
 - Lowercase, then split on anything except a-z before merging (the paper's vocabulary rule):
   digits and punctuation never reach the model.
 - BPE-dropout (Provilkov et al., 2019) with rate `dropout` only while training; evaluation and
-  generation always encode deterministically.
+  generation always encode deterministically. The dropout is ours (`bpe_dropout.py`, HF's
+  algorithm over HF's merges) and draws from the torch generator, so a seeded caller gets the
+  same pieces every time; HF's own dropout is unseeded.
 - A fixed length `text_seq_len`: longer captions are truncated (counted, see
   `count_truncated`); positions without a text token get a pad token of their own,
   id `vocab_size + position` (paper sec. B.2), instead of an attention mask.
@@ -13,6 +15,8 @@ Shape legend: B captions, T text_seq_len.
 
 from __future__ import annotations
 
+import json
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from torch import Tensor
 
 from dalle_lightning.config import ConfigError, require_float, require_int
+from dalle_lightning.text.bpe_dropout import SeededBPEDropout
 
 UNK = "[UNK]"
 END_OF_WORD = "</w>"
@@ -55,13 +60,15 @@ class BPETokenizer:
                 f"at least {learned}: the captions' characters and special ids alone need that",
             )
         self.tokenizer, self.vocab_size, self.text_seq_len = tokenizer, vocab_size, text_seq_len
+        self._dropout: SeededBPEDropout | None = None  # built on the first dropout call
 
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int, text_seq_len: int) -> BPETokenizer:
         """Learn merges on `captions` until `vocab_size` ids (or no pair is left to merge).
 
-        Ties between equally frequent pairs make the ids differ from one training to the
-        next: keep and reuse the trained tokenizer (the token cache does) rather than retrain.
+        HF numbers the single characters in the order of a hash map seeded per process, so
+        the same captions gave other ids in every process; `_canonical_ids` renumbers them
+        and the same captions now give the same tokenizer file.
         """
         require_int("vocab_size", vocab_size, 2)
         tokenizer = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=END_OF_WORD))
@@ -75,7 +82,7 @@ class BPETokenizer:
             show_progress=False,
         )
         tokenizer.train_from_iterator(captions, trainer)
-        return cls(tokenizer, vocab_size, text_seq_len)
+        return cls(_canonical_ids(tokenizer), vocab_size, text_seq_len)
 
     @property
     def num_ids(self) -> int:
@@ -86,23 +93,24 @@ class BPETokenizer:
         return self.vocab_size + position
 
     def token_ids(self, caption: str, dropout: float = 0.0) -> list[int]:
-        """BPE ids of one caption, untruncated; BPE-dropout with probability `dropout`."""
+        """BPE ids of one caption, untruncated; BPE-dropout with probability `dropout`, drawn
+        from a generator seeded by one draw of torch's default generator."""
         require_float("dropout", dropout, 0.0, 1.0)
-        model = self.tokenizer.model
-        model.dropout = dropout or None  # the model is shared: set for every call
-        try:
+        if not dropout:
             return self.tokenizer.encode(caption).ids
-        finally:
-            model.dropout = None
+        if self._dropout is None:
+            self._dropout = SeededBPEDropout(self.tokenizer)
+        rng = random.Random(int(torch.randint(2**62, ())))
+        return self._dropout.token_ids(caption, dropout, rng)
 
     def encode(self, captions: Sequence[str], dropout: float = 0.0) -> Tensor:
         """captions -> (B, T) long: ids truncated to T, then per-position pad ids."""
-        T = self.text_seq_len
-        out = torch.arange(self.vocab_size, self.vocab_size + T).repeat(len(captions), 1)
-        for row, caption in enumerate(captions):
+        T, V = self.text_seq_len, self.vocab_size
+        rows = []
+        for caption in captions:
             ids = self.token_ids(caption, dropout)[:T]
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
+            rows.append(ids + list(range(V + len(ids), V + T)))
+        return torch.tensor(rows, dtype=torch.long).view(len(captions), T)
 
     def decode(self, ids: Tensor | Sequence[int]) -> str:
         """Text of one row of ids; pad ids are dropped."""
@@ -137,3 +145,22 @@ class BPETokenizer:
     @classmethod
     def load(cls, path: str | Path, vocab_size: int, text_seq_len: int) -> BPETokenizer:
         return cls(Tokenizer.from_file(str(path)), vocab_size, text_seq_len)
+
+
+def _canonical_ids(tokenizer: Tokenizer) -> Tokenizer:
+    """The same BPE with ids that depend on its merges only: [UNK] 0, then the single
+    characters (with and without the end-of-word suffix) sorted, then each merge's result in
+    merge order. The merges, and so the pieces of every caption, are unchanged."""
+    state = json.loads(tokenizer.to_str())
+    model = state["model"]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    merged = list(dict.fromkeys(a + b for a, b in merges))
+    made = set(merged)
+    single = sorted(t for t in model["vocab"] if t not in made and t != UNK)
+    order = [UNK, *single, *merged]
+    if sorted(order) != sorted(model["vocab"]):  # HF's trainer changed: keep its numbering
+        return tokenizer
+    model["vocab"] = {token: i for i, token in enumerate(order)}
+    for added in state.get("added_tokens") or []:
+        added["id"] = model["vocab"].get(added["content"], added["id"])
+    return Tokenizer.from_str(json.dumps(state))
