@@ -134,7 +134,7 @@ def fsdp2(problems: list[str]) -> dict:
     """Part 3: train.py under trainer=fsdp on 2 GPUs against one GPU, same global batch."""
     root = Path(__file__).resolve().parents[2]
     common = [
-        "model=dalle", "model.text.bpe_dropout=0", "model.caption_dropout=0",
+        "model=dalle", "model.caption_dropout=0",
         "model.sampling.cond_scale=1", "trainer.max_steps=6", "trainer.val_check_interval=6",
         "trainer.precision=bf16-mixed", "logger=csv", "test=false", "dataset.image_size=32",
         "dataset.num_train=64", "dataset.num_val=16", "model.net.dim=64", "model.net.depth=2",

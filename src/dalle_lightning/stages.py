@@ -116,7 +116,6 @@ def prior_stage(cfg: DictConfig) -> Stage:
     if net.get("backend") == "flex" and not torch.cuda.is_available():
         cpu = "sdpa on CPU (FlexAttention has no CPU backward)"
         raise ConfigError(f"{at}.net.backend", "flex", cpu)
-    _warn_if_not_repeatable(cfg, text)
 
     dvae_path = resolve_dvae_ckpt(dvae_ckpt, cfg.paths.log_dir)
     dvae = DVAE.from_checkpoint(dvae_path, field=f"{at}.dvae_ckpt")
@@ -161,16 +160,6 @@ def resolve_dvae_ckpt(dvae_ckpt: str | None, log_dir: str) -> Path:
     )
     log.info("dVAE: %s (the newest finished run; set model.dvae_ckpt=PATH to choose)", found)
     return found
-
-
-def _warn_if_not_repeatable(cfg: DictConfig, text: TextConfig) -> None:
-    if cfg.trainer.get("deterministic") and text.bpe_dropout > 0:
-        log.warning(
-            "trainer.deterministic=true, but BPE-dropout (model.text.bpe_dropout=%s) draws from "
-            "HF tokenizers' unseeded generator: a stage-2 run repeats bitwise (and resumes "
-            "bitwise) only with model.text.bpe_dropout=0",
-            text.bpe_dropout,
-        )
 
 
 # the in-project CLIP ----------------------------------------------------------------------------
