@@ -8,6 +8,9 @@ accuracy on shapes (`evaluation/rerank_metrics.py`).
 `task=generate`: images for captions from a stage-2 checkpoint (`evaluation/generate.py`).
 `task=attributes`: best-of-1 attribute-checker accuracy of generated shapes, with the real
 and dVAE-reconstructed images as references (`evaluation/attribute_accuracy.py`).
+`task=reference_stats`: the real images' Inception statistics with their protocol, for
+`fid_reference=` (`evaluation/reference_stats.py`; also `python -m
+dalle_lightning.evaluation.reference_stats`).
 `task=reconstruction`: a dVAE checkpoint's reconstruction quality on a dataset split with
 hard (argmax) codes: NLL, KL, PSNR, codebook perplexity and usage (the dVAE module's test
 step, rebuilt from the checkpoint).
@@ -27,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dalle_lightning.checkpoints import read_checkpoint, require_file
 from dalle_lightning.config import require, require_choice, require_int, typed
+from dalle_lightning.evaluation import reference_stats
 from dalle_lightning.evaluation.attribute_accuracy import attribute_accuracy, flat_metrics
 from dalle_lightning.evaluation.generate import generate_grids
 from dalle_lightning.evaluation.rerank_metrics import ProtocolConfig, evaluate_metrics
@@ -38,7 +42,7 @@ from dalle_lightning.stages import dvae_module
 
 log = logging.getLogger(__name__)
 
-TASKS = ("metrics", "generate", "attributes", "reconstruction")
+TASKS = ("metrics", "generate", "attributes", "reconstruction", "reference_stats")
 SPLITS = ("train", "val", "test", "heldout")
 
 
@@ -51,6 +55,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "generate": _generate,
         "attributes": _attributes,
         "reconstruction": _reconstruction,
+        "reference_stats": _reference_stats,
     }[cfg.task]
     results = task(cfg)
     summary = {**run_header(cfg, time.time() - started), **results}
@@ -114,12 +119,15 @@ def _generate(cfg: DictConfig) -> dict:
     }
 
 
-def _prior_and_data(cfg: DictConfig) -> tuple[DALLE, str, SamplingConfig, int, Any]:
+def _prior_and_data(
+    cfg: DictConfig, setup: bool = True
+) -> tuple[DALLE, str, SamplingConfig, int, Any]:
     """`load_prior`'s four, and the dataset at the model's resolution (its real images are
-    compared with generated ones)."""
+    compared with generated ones), set up unless `setup` is false."""
     model, ckpt_path, sampling, batch_size = load_prior(cfg)
     datamodule = build(cfg.dataset, "dataset")
-    datamodule.setup()
+    if setup:
+        datamodule.setup()
     size = model.dvae.config.image_size
     require(
         cfg.dataset.image_size == size,
@@ -143,10 +151,12 @@ def _attributes(cfg: DictConfig) -> dict:
     }
 
 
-def _metrics(cfg: DictConfig) -> dict:
+def _protocol(cfg: DictConfig) -> ProtocolConfig:
     names = [f.name for f in dataclasses.fields(ProtocolConfig)]
-    protocol = typed(ProtocolConfig, {k: cfg.get(k) for k in names if k in cfg}, "")
-    model, ckpt_path, sampling, batch_size, datamodule = _prior_and_data(cfg)
+    return typed(ProtocolConfig, {k: cfg.get(k) for k in names if k in cfg}, "")
+
+
+def _check_splits(protocol: ProtocolConfig, datamodule: Any) -> None:
     for split in protocol.splits:
         require(
             split in datamodule.datasets,
@@ -154,6 +164,18 @@ def _metrics(cfg: DictConfig) -> dict:
             list(protocol.splits),
             "splits of this dataset: " + ", ".join(datamodule.datasets),
         )
+
+
+def _metrics(cfg: DictConfig) -> dict:
+    protocol = _protocol(cfg)
+    # with reference statistics the split's images are not needed (nor audited): only the
+    # built-in shapes, rendered on the fly, still give their attribute records
+    setup = protocol.fid_reference is None or cfg.dataset.get("_target_", "").endswith(
+        "ShapesDataModule"
+    )
+    model, ckpt_path, sampling, batch_size, datamodule = _prior_and_data(cfg, setup)
+    if setup:
+        _check_splits(protocol, datamodule)
     reranker = build(cfg.reranker, "reranker")
     trained_on = reranker.describe().get("trained_on")
     if trained_on is not None and trained_on != datamodule.identity():
@@ -175,6 +197,29 @@ def _metrics(cfg: DictConfig) -> dict:
         Path(cfg.paths.log_dir),
         Path(cfg.paths.output_dir),
     )
+
+
+def _reference_stats(cfg: DictConfig) -> dict:
+    protocol = _protocol(cfg)
+    datamodule = build(cfg.dataset, "dataset")
+    datamodule.setup()
+    _check_splits(protocol, datamodule)
+    folder = Path(cfg.paths.output_dir) / "reference"
+    written = reference_stats.make(
+        datamodule,
+        protocol.splits,
+        protocol.num_captions,
+        cfg.seed,
+        protocol.blur_radii,
+        cfg.dataset.image_size,
+        protocol.inception_weights,
+        folder,
+    )
+    log.info("reference statistics: %s (use them with fid_reference=%s)", folder, folder)
+    return {
+        "reference": {"folder": str(folder), "files": written},
+        "metrics": {f"{key}/images": entry["count"] for key, entry in written.items()},
+    }
 
 
 def _reconstruction(cfg: DictConfig) -> dict:

@@ -10,21 +10,29 @@ not depend on which chunks ran before: a run killed mid-way and started again sk
 finished chunks, regenerates the unfinished one, and ends with exactly the same pool. Each
 chunk is made under a file lock (`filelock`), so evaluations of one pool started together
 (a parallel sweep) split the chunks between them instead of writing the same files at once.
+
+Every finished chunk (and the real images) has a manifest of its PNGs' sha256
+(`.chunk<i>.sha256`, `.real.sha256`): a PNG that is missing, cut short or changed on disk
+(a bad disk, a killed copy) is reported in one warning and its chunk made again, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 from pathlib import Path
 
+import torch
 from filelock import FileLock
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from dalle_lightning.checkpoints import file_sha256
 from dalle_lightning.evaluation.fidelity import save_images
 from dalle_lightning.models.dalle import DALLE
+from dalle_lightning.runs import write_text_atomic
 from dalle_lightning.sampling.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,45 @@ def sample_captions(dataset: Dataset, num: int | None, seed: int) -> list[tuple[
             log.warning("num_captions=%d: the split has only %d distinct captions", num, len(pairs))
         return pairs
     return [pairs[j] for j in random.Random(seed).sample(range(len(pairs)), num)]
+
+
+def write_real_images(dataset: Dataset, pairs: list, folder: Path, split: str) -> int:
+    """Each real image of the (image, caption) pairs once, as the dataset's eval transform
+    gives it, as an 8-bit PNG named by its index (skipped when all are there); their number."""
+    unique = list(dict.fromkeys(i for i, _ in pairs))
+    paths = [folder / f"{i:06d}.png" for i in unique]
+    manifest = folder / ".real.sha256"
+    if not intact(paths, manifest, f"{split} real images"):
+        log.info("%s: writing %d real images", split, len(unique))
+        for start in range(0, len(unique), 64):
+            idx = unique[start : start + 64]
+            images = torch.stack([dataset[i]["image"] for i in idx])
+            save_images(images, folder, names=[f"{i:06d}" for i in idx])
+        record(paths, manifest)
+    return len(unique)
+
+
+def record(paths: list[Path], manifest: Path) -> None:
+    """Write the sha256 of every file of `paths` to `manifest` (temporary name, rename)."""
+    digests = {p.name: file_sha256(p) for p in paths}
+    write_text_atomic(manifest, json.dumps(digests, indent=0) + "\n")
+
+
+def intact(paths: list[Path], manifest: Path, what: str) -> bool:
+    """Whether every file of `paths` is on disk as `manifest` recorded it; a file that is
+    there but differs is reported (one warning) so that the caller makes it again."""
+    if not manifest.is_file() or not all(p.is_file() for p in paths):
+        return False
+    try:
+        digests = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        digests = {}
+    for path in paths:
+        if digests.get(path.name) != file_sha256(path):
+            log.warning("%s: %s is corrupt (its sha256 differs from %s): making it again",
+                        what, path, manifest.name)  # fmt: skip
+            return False
+    return True
 
 
 def candidate_name(caption: int, candidate: int) -> str:
@@ -80,8 +127,10 @@ def generate_pool(
     for chunk, start in enumerate(chunks):
         stop = min(start + per_chunk, len(captions))
         # one process makes a chunk; another evaluation of the same pool waits, then reuses it
+        chunk_paths = [p for row in paths[start:stop] for p in row]
+        manifest = folder / f".chunk{chunk:06d}.sha256"
         with FileLock(folder / f".chunk{chunk:06d}.lock"):
-            if all(p.is_file() for row in paths[start:stop] for p in row):
+            if intact(chunk_paths, manifest, f"{split} candidate pool"):
                 reused += (stop - start) * n
             else:
                 images = model.generate(
@@ -93,6 +142,7 @@ def generate_pool(
                 )
                 names = [candidate_name(i, j) for i in range(start, stop) for j in range(n)]
                 save_images(images, folder, names=names)
+                record(chunk_paths, manifest)
                 generated += len(names)
         bar.update(stop - start)
         bar.set_postfix(images=generated + reused)

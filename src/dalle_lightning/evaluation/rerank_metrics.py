@@ -26,20 +26,25 @@ from pathlib import Path
 
 import torch
 import torch_fidelity
-from torch.utils.data import Dataset
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from dalle_lightning.checkpoints import file_sha256
 from dalle_lightning.config import require, require_int
 from dalle_lightning.data.datamodule import ImageTextDataModule
+from dalle_lightning.evaluation import reference_stats
 from dalle_lightning.evaluation.attribute_accuracy import score as attribute_score
-from dalle_lightning.evaluation.candidates import candidate_paths, generate_pool, sample_captions
+from dalle_lightning.evaluation.candidates import (
+    candidate_paths,
+    generate_pool,
+    sample_captions,
+    write_real_images,
+)
 from dalle_lightning.evaluation.fidelity import (
     blur_folder,
     fid_and_is,
+    inception_sha256,
     load_images,
-    save_images,
     weights_record,
 )
 from dalle_lightning.evaluation.report import write_report
@@ -62,6 +67,7 @@ class ProtocolConfig:
     fidelity: bool = True  # false: CLIP score and attribute accuracy only (no FID/IS)
     inception_weights: str | None = None  # a local torch-fidelity Inception file
     isc_splits: int = 10  # Inception Score splits (fewer if there are fewer images)
+    fid_reference: str | None = None  # reference statistics instead of the real images
 
     def __post_init__(self) -> None:
         counts, radii, splits = list(self.rerank_counts), list(self.blur_radii), list(self.splits)
@@ -94,6 +100,13 @@ class ProtocolConfig:
                 "an existing torch-fidelity Inception weights file (or null: torch-fidelity "
                 "downloads its own)",
             )
+        if self.fid_reference is not None:
+            require(
+                Path(self.fid_reference).is_dir(),
+                "fid_reference",
+                self.fid_reference,
+                "a folder written by `python -m dalle_lightning.evaluation.reference_stats`",
+            )
         for name, value in (("splits", splits), ("rerank_counts", counts), ("blur_radii", radii)):
             object.__setattr__(self, name, tuple(value))
 
@@ -122,13 +135,19 @@ def evaluate_split(
     pool_key: dict,
     log_dir: Path,
     out_dir: Path,
+    references: dict | None = None,
 ) -> dict:
-    """{"rows": one per (k, blur radius), "info": what was generated and where} of one split."""
-    dataset = datamodule.datasets[split]
-    pairs = sample_captions(dataset, protocol.num_captions, seed)
+    """{"rows": one per (k, blur radius), "info": what was generated and where} of one split.
+    With `references` ({(split, radius): (statistics, record)}) the captions and the real
+    side of FID come from reference statistics; the split's images are not read."""
+    dataset = datamodule.datasets.get(split)  # None: not set up (a reference replaces it)
+    if references is not None:
+        pairs = reference_stats.captions(protocol.fid_reference, split, protocol.blur_radii[0])
+    else:
+        pairs = sample_captions(dataset, protocol.num_captions, seed)
     captions = [c for _, c in pairs]
     n = max(protocol.rerank_counts)
-    key = {**pool_key, "split": split, "candidates": n}
+    key = {**pool_key, "split": split, "candidates": n, "captions": _key(pairs)}
     files = Candidates(log_dir / "eval_pools" / _key(key), out_dir, split)
     files.pool.mkdir(parents=True, exist_ok=True)
     (files.pool / "key.json").write_text(json.dumps(key, indent=2, default=str) + "\n")
@@ -136,7 +155,10 @@ def evaluate_split(
         json.dumps(pairs, indent=0) + "\n"
     )  # [image, caption]
 
-    real_images = _write_real_images(dataset, pairs, files.real, split)
+    if references is None:
+        real_images = write_real_images(dataset, pairs, files.real, split)
+    else:
+        real_images = references[(split, protocol.blur_radii[0])][1]["count"]
     counts = generate_pool(
         model, captions, n, files.pool / "candidates", seed, split, sampling, batch_size
     )
@@ -145,7 +167,7 @@ def evaluate_split(
     chosen = best_of_k(scores, list(protocol.rerank_counts))
 
     records = None
-    if "record" in dataset[pairs[0][0]]:  # the built-in shapes: attribute records
+    if dataset is not None and "record" in dataset[pairs[0][0]]:  # shapes: attribute records
         records = [dataset[i]["record"] for i, _ in pairs]
     per_k, sample_rows = {}, []
     for k, index in chosen.items():
@@ -168,26 +190,12 @@ def evaluate_split(
     if not protocol.fidelity:
         rows = [{"split": split, "k": k, "blur_radius": None, **per_k[k]} for k in chosen]
         return {"rows": rows, "info": info}
-    return {
-        "rows": _fidelity_rows(protocol, files, split, chosen, per_k, len(captions)),
-        "info": info,
-    }
+    rows = _fidelity_rows(protocol, files, split, chosen, per_k, len(captions), references)
+    return {"rows": rows, "info": info}
 
 
 def _key(value: dict) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _write_real_images(dataset: Dataset, pairs: list, folder: Path, split: str) -> int:
-    """Each real image of the captions once, as PNG (kept in the pool); their number."""
-    unique = list(dict.fromkeys(i for i, _ in pairs))
-    if len(list(folder.glob("*.png"))) != len(unique):
-        log.info("%s: writing %d real images", split, len(unique))
-        for start in range(0, len(unique), 64):
-            idx = unique[start : start + 64]
-            images = torch.stack([dataset[i]["image"] for i in idx])
-            save_images(images, folder, names=[f"{i:06d}" for i in idx])
-    return len(unique)
 
 
 def _rerank(reranker: Reranker, paths: list[list[Path]], captions: list[str], split: str):
@@ -229,8 +237,10 @@ def _fidelity_rows(
     chosen: dict,
     per_k: dict,
     num_captions: int,
+    references: dict | None,
 ) -> list[dict]:
-    """FID and IS of every best-of-k set against the real images, both blurred alike."""
+    """FID and IS of every best-of-k set against the real images (or their reference
+    statistics), both blurred alike."""
     weights = protocol.inception_weights
     weights_tag = file_sha256(weights)[:12] if weights else "download"
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -239,18 +249,38 @@ def _fidelity_rows(
     for radius, k in tqdm(jobs, desc=f"{split}: FID/IS"):
         real, fake = files.real, files.chosen(k)
         if radius:
-            real = blur_folder(real, files.pool / f"real_blur{radius}", radius)
             fake = blur_folder(fake, files.split_dir / f"best_of_{k}_blur{radius}", radius)
-        metrics = fid_and_is(
-            fake,
-            real,
+        common = dict(
             inception_weights=weights,
             device=device,
             isc_splits=min(protocol.isc_splits, num_captions),
-            real_cache=(files.pool / "fidelity_cache", f"real_blur{radius}_{weights_tag}"),
         )
+        if references is not None:
+            stats = references[(split, radius)][0]
+            metrics = fid_and_is(fake, None, reference=stats, **common)
+        else:
+            if radius:
+                real = blur_folder(real, files.pool / f"real_blur{radius}", radius)
+            cache = (files.pool / "fidelity_cache", f"real_blur{radius}_{weights_tag}")
+            metrics = fid_and_is(fake, real, real_cache=cache, **common)
         rows.append({"split": split, "k": k, "blur_radius": radius, **metrics, **per_k[k]})
     return rows
+
+
+def load_references(
+    protocol: ProtocolConfig, identity: dict, seed: int, image_size: int
+) -> dict[tuple[str, float], tuple[dict, dict]]:
+    """{(split, radius): (statistics, record)} from `protocol.fid_reference`, each checked
+    against this run's protocol (`reference_stats.load` refuses the first field that differs)."""
+    sha = inception_sha256(protocol.inception_weights)
+    out = {}
+    for split in protocol.splits:
+        for radius in protocol.blur_radii:
+            expected = reference_stats.protocol(
+                identity, split, seed, protocol.num_captions, image_size, radius, sha
+            )
+            out[(split, radius)] = reference_stats.load(protocol.fid_reference, expected)
+    return out
 
 
 def flat_metrics(rows: list[dict]) -> dict:
@@ -283,6 +313,11 @@ def evaluate_metrics(
 ) -> dict:
     """Every split of `protocol`: the report files in `out_dir` and metrics.json's entries."""
     ckpt_sha = file_sha256(ckpt_path)
+    references = None
+    if protocol.fid_reference is not None:  # checked before any work
+        references = load_references(
+            protocol, datamodule.identity(), seed, model.dvae.config.image_size
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     pool_key = {
         "dalle_sha256": ckpt_sha,
@@ -295,7 +330,7 @@ def evaluate_metrics(
     for split in protocol.splits:
         result = evaluate_split(
             protocol, sampling, batch_size, seed, model, reranker, datamodule, split,
-            pool_key, log_dir, out_dir,
+            pool_key, log_dir, out_dir, references,
         )  # fmt: skip
         rows += result["rows"]
         info[split] = result["info"]
@@ -320,6 +355,9 @@ def evaluate_metrics(
         if protocol.fidelity
         else None,
         "isc_splits": protocol.isc_splits,
+        "fid_reference": {f"{split}/blur{r:g}": rec for (split, r), (_, rec) in references.items()}
+        if references
+        else None,
         "per_split": info,
     }
     files = write_report(out_dir, rows, record)
