@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dalle_lightning.cli import check_group_choices, exit_on_user_error
+from dalle_lightning.cli import check_group_choices, check_log_dir, exit_on_user_error
 from dalle_lightning.evaluate import evaluate
 from dalle_lightning.runs import register_resolvers
 
@@ -27,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     register_resolvers()  # before Hydra composes: hydra.run.dir names the run to resume
     check_group_choices(sys.argv[1:], CONF_DIR)
+    check_log_dir(sys.argv[1:])
     main()

@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dalle_lightning.cli import check_group_choices, exit_on_user_error
+from dalle_lightning.cli import check_group_choices, check_log_dir, exit_on_user_error
 from dalle_lightning.runs import register_resolvers
 from dalle_lightning.train import train
 
@@ -28,4 +28,5 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     register_resolvers()  # before Hydra composes: hydra.run.dir names the run to resume
     check_group_choices(sys.argv[1:], CONF_DIR)
+    check_log_dir(sys.argv[1:])
     main()

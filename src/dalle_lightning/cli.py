@@ -8,6 +8,7 @@ turns a `ConfigError` raised while building the run into one line.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +60,29 @@ def exit_on_user_error() -> Iterator[None]:
 
 def group_options(conf_dir: Path, group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_log_dir(argv: list[str]) -> None:
+    """Fail in one line (exit code 5) when `paths.log_dir` cannot be created or written,
+    before Hydra tries to make the run directory in it (its own error is a traceback)."""
+    value = "logs"  # conf/paths/default.yaml: ${paths.root_dir}/logs, root_dir "."
+    for arg in argv:
+        key, sep, given = arg.lstrip("+").partition("=")
+        if sep and key == "paths.log_dir" and "${" not in given and "," not in given:
+            value = given
+    path = Path(value).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable by this user"
+    if problem:
+        fail(
+            f"could not write paths.log_dir={value}: {problem}. Runs write under "
+            "paths.log_dir: point it at a writable directory",
+            EXIT_WRITE_FAILED,
+        )
 
 
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:

@@ -183,12 +183,17 @@ def _overrides() -> list[str]:
 
 
 def write_metrics(path: Path, summary: dict) -> None:
-    """metrics.json, through a temporary file and a rename: a full disk leaves the previous
-    file (or none), never half a file."""
+    """metrics.json, written whole or not at all (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` to `path` through a temporary file and a rename: a full disk or a kill leaves
+    the previous file (or none), never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_text(json.dumps(summary, indent=2) + "\n")
+        partial.write_text(text)
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)

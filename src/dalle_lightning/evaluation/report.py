@@ -10,6 +10,7 @@ belong to (split, k) and repeat over radii.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from dalle_lightning.runs import write_text_atomic  # noqa: E402
 
 COLUMNS = [
     "split",
@@ -94,14 +97,18 @@ def write_report(out_dir: Path, rows: list[dict], protocol: dict) -> dict[str, P
     if any(r.get("fid") is not None for r in rows):
         files["fid_vs_rerank"] = out_dir / "fid_vs_rerank.png"
         files["fid_vs_blur"] = out_dir / "fid_vs_blur.png"
-    files["json"].write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n")
-    with open(files["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    # each file whole or not at all: a full disk or a kill never leaves half a table
+    write_text_atomic(
+        files["json"], json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n"
+    )
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(files["csv"], table.getvalue())
     lines = ["# Evaluation", "", markdown_tables(rows), "## Protocol", "", "```json"]
     lines += [json.dumps(protocol, indent=2), "```", ""]
-    files["md"].write_text("\n".join(lines))
+    write_text_atomic(files["md"], "\n".join(lines))
     if "fid_vs_rerank" in files:
         plot(rows, "k", "blur_radius", files["fid_vs_rerank"], "CLIP rerank count k (best of k)")
         plot(rows, "blur_radius", "k", files["fid_vs_blur"], "Gaussian blur radius (px)")
