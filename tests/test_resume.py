@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dalle_lightning.checkpoints import read_checkpoint
 from dalle_lightning.config import ConfigError
 from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws
+from dalle_lightning.runs import resume_checkpoint, run_dir
 from tests.conftest import ROOT, run_script
 from tests.test_dalle_train import DATA, NET
 
@@ -67,12 +69,19 @@ def _full_and_resumed_from_step_4(tmp_path: Path, *extra: str) -> tuple[dict, di
 
 
 def _start_past_its_first_checkpoint(
-    log_dir: Path, stderr, run: list[str] = RUN, stage: str = "train_dvae", wait: float = 0.3
+    log_dir: Path,
+    stderr,
+    run: list[str] = RUN,
+    stage: str = "train_dvae",
+    wait: float = 0.3,
+    env: dict | None = None,
 ) -> subprocess.Popen:
     """`run` in a subprocess, returned once it has written last.ckpt and trained `wait`
     seconds further: somewhere between two 4-step saves, where a signal tests something."""
     cmd = [sys.executable, "train.py", *run, f"paths.log_dir={log_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env
+    )
     deadline = time.time() + 120
     while not list(log_dir.glob(f"{stage}/runs/*/checkpoints/last.ckpt")):
         assert proc.poll() is None and time.time() < deadline, "no checkpoint before the signal"
@@ -155,6 +164,64 @@ def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = torch.load(_last(tmp_path / "full"), weights_only=True)
     b = torch.load(_last(stopped_dir), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 40
+    for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
+        _assert_same_tensors(a[key], b[key], key)
+
+
+def test_slurm_requeue_signal_then_the_requeued_job_resumes_by_itself(tmp_path):
+    """Under SLURM (its environment faked, a fake `scontrol` on PATH): the requeue signal
+    (SIGUSR1) makes Lightning write its hpc checkpoint and call `scontrol requeue <job id>`;
+    SLURM then sends SIGTERM, the run writes last.ckpt at the step and exits with code 4. The
+    same command, started again by SLURM with SLURM_RESTART_COUNT=1 and no resume=true,
+    continues that run and ends bitwise equal to an uninterrupted one."""
+    full = _train(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
+    job = tmp_path / "job"
+    proc = _start_past_its_first_checkpoint(job, subprocess.PIPE, env=slurm)
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.time() + 60
+    while not calls.exists():
+        assert proc.poll() is None and time.time() < deadline, "scontrol was not called"
+        time.sleep(0.02)
+    assert calls.read_text().split() == ["requeue", "4242"]
+    proc.send_signal(signal.SIGTERM)  # what `scontrol requeue` makes SLURM do
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 4, stderr[-3000:]
+    (run,) = job.glob("train_dvae/runs/*")
+    assert list(run.glob("hpc_ckpt_*.ckpt")), "Lightning's requeue handler wrote no checkpoint"
+    stopped_at = torch.load(_last(job), weights_only=True)["global_step"]
+    assert 0 < stopped_at < 40, f"the signals came too late (step {stopped_at})"
+
+    requeued = subprocess.run(
+        [sys.executable, "train.py", *RUN, f"paths.log_dir={job}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**slurm, "SLURM_RESTART_COUNT": "1"},
+    )
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    message = "SLURM requeued this job (restart 1): resuming from its last.ckpt"
+    assert message in (run / "train_dvae.log").read_text()
+    assert list(job.glob("train_dvae/runs/*")) == [run]  # continued in the same run directory
+    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    b = torch.load(_last(job), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
         _assert_same_tensors(a[key], b[key], key)
@@ -271,6 +338,23 @@ def test_resume_without_a_previous_run_says_so(tmp_path):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "resume=True is invalid" in line and "train_dvae" in line and "last.ckpt" in line
+
+
+def test_a_requeued_slurm_job_without_a_checkpoint_starts_afresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    runs = tmp_path / "train_dvae" / "runs"
+    assert run_dir(str(runs), False, None, "new") == f"{runs}/new"  # nothing to resume
+    (runs / "old" / "checkpoints").mkdir(parents=True)
+    cfg = OmegaConf.create({"paths": {"output_dir": str(runs / "old")}, "task_name": "t"})
+    assert resume_checkpoint(cfg) == (None, 0)  # requeued before its first checkpoint
+    torch.save({"global_step": 7}, runs / "old" / "checkpoints" / "last.ckpt")
+    assert run_dir(str(runs), False, None, "new") == str(runs / "old")
+    assert resume_checkpoint(cfg) == (str(runs / "old" / "checkpoints" / "last.ckpt"), 7)
+    assert run_dir(str(runs), False, "/some/file.ckpt", "new") == f"{runs}/new"  # as given
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    assert resume_checkpoint(cfg) == (None, 0) and run_dir(str(runs), False, None, "n") != str(
+        runs / "old"
+    )
 
 
 def test_truncated_checkpoint_is_reported_with_its_path(tmp_path):

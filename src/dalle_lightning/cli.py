@@ -53,7 +53,8 @@ def exit_on_user_error() -> Iterator[None]:
     except SIGTERMException:
         fail(
             "received SIGTERM: training stopped at a step boundary and checkpoints/last.ckpt "
-            "holds it; continue with the same command and resume=true",
+            "holds it; continue with the same command and resume=true (a job SLURM requeues "
+            "does so by itself)",
             EXIT_PREEMPTED,
         )
 

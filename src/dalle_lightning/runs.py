@@ -10,7 +10,10 @@ Every run gets `logs/<task_name>/runs/<timestamp>/` (sweeps: `logs/<task_name>/m
   task holding `checkpoints/last.ckpt`, so checkpoints, loggers (CSV rows before the
   checkpoint's step are kept; TensorBoard appends to the same folder and purges the killed
   run's later events; W&B resumes the run whose id the run directory fixes) and metrics.json
-  continue in place. `resume_checkpoint` names the file; Lightning restores the model,
+  continue in place. A SLURM job that SLURM requeued (`SLURM_RESTART_COUNT` > 0: after a
+  pre-emption, or Lightning's auto-requeue on the requeue signal) resumes by itself, from the
+  last.ckpt its SIGTERM wrote (`callbacks/preemption.py`), or starts afresh if it has none.
+  `resume_checkpoint` names the file; Lightning restores the model,
   optimizer, LR schedulers, callbacks and loops, and the resumable training loader
   (data/resumable.py) and `StepSeed` make the data order and random draws continue as if the
   run had never stopped.
@@ -32,6 +35,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -56,8 +60,16 @@ def latest_resumable(runs: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def slurm_restarts() -> int:
+    """How many times SLURM has requeued this job (0 outside SLURM or on its first start)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    except ValueError:
+        return 0
+
+
 def run_dir(runs: str, resume, ckpt_path, stamp: str) -> str:
-    if resume is True or ckpt_path == "last":
+    if resume is True or ckpt_path == "last" or (slurm_restarts() and ckpt_path is None):
         found = latest_resumable(Path(runs))
         if found is not None:
             return str(found)
@@ -87,6 +99,13 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
         )
     if ckpt_path == "best":
         raise ConfigError("ckpt_path", ckpt_path, "a checkpoint file, or last (= resume=true)")
+    if not resume and ckpt_path is None and slurm_restarts():
+        resume = checkpoint_exists(Path(cfg.paths.output_dir) / LAST)
+        log.info(
+            "SLURM requeued this job (restart %d): %s",
+            slurm_restarts(),
+            "resuming from its last.ckpt" if resume else "no last.ckpt yet, starting afresh",
+        )
     if resume or ckpt_path == "last":
         path = Path(cfg.paths.output_dir) / LAST
         if not checkpoint_exists(path):
