@@ -41,6 +41,7 @@ def reference(trained, tmp_path_factory) -> Path:  # noqa: F811
     """The reference folder, made by the command a user runs."""
     log_dir = tmp_path_factory.mktemp("reference")
     command = [sys.executable, "-m", "dalle_lightning.evaluation.reference_stats", *COCO]
+    command += ["split=val"]  # = splits=[val], COCO's default
     command += [f"dataset.root={COCO_MINI}", f"inception_weights={trained['inception']}"]
     run = subprocess.run(
         [*command, f"paths.log_dir={log_dir}"], cwd=ROOT, capture_output=True, text=True

@@ -1,7 +1,7 @@
 """FID reference statistics that pin the protocol:
 
     python -m dalle_lightning.evaluation.reference_stats dataset=coco dataset.year=2014 \
-        [splits=[val]] [num_captions=30000] [seed=1234] [dataset.image_size=256] \
+        [split=val | splits=[val]] [num_captions=30000] [seed=1234] [dataset.image_size=256] \
         [blur_radii=[0,1,2,4,8]] [inception_weights=PATH]
 
 takes the captions `evaluate.py` would draw (`num_captions` distinct captions of each split
@@ -203,7 +203,9 @@ def _meta(folder: str | Path, split: str, radius: float) -> dict:
 def main() -> None:
     """The CLI: evaluate.py's config and run directory with task=reference_stats."""
     root = Path(__file__).resolve().parents[3]
-    sys.argv = [str(root / "evaluate.py"), "task=reference_stats", *sys.argv[1:]]
+    # `split=val` (one split, as the command is usually written) means `splits=[val]`
+    args = [f"splits=[{a[6:].strip('[]')}]" if a.startswith("split=") else a for a in sys.argv[1:]]
+    sys.argv = [str(root / "evaluate.py"), "task=reference_stats", *args]
     import runpy  # evaluate.py is the one Hydra entry point for evaluation configs
 
     runpy.run_path(str(root / "evaluate.py"), run_name="__main__")
