@@ -1,5 +1,6 @@
 """FID reference statistics (`python -m dalle_lightning.evaluation.reference_stats`) and
-`evaluate.py fid_reference=...` on the real COCO files of shared/assets/coco_mini.
+`evaluate.py fid_reference=...` on the real COCO files of shared/assets/coco_mini (where that
+folder is beside the checkout), and on the built-in shapes (everywhere).
 
 The Inception weights are randomly initialised torch-fidelity InceptionV3s made here (no real
 weights can be downloaded): the FID values mean nothing; what is tested is that the reference
@@ -23,8 +24,6 @@ from tests.conftest import ROOT
 from tests.test_file_datasets import COCO_MINI, needs_coco
 from tests.test_rerank_metrics import metrics_cfg, trained  # noqa: F401 (a fixture)
 
-pytestmark = needs_coco
-
 COCO = [
     "dataset=coco",
     "dataset.max_bad_fraction=1",  # 4,841 of the 5,000 listed val images are not here
@@ -34,6 +33,26 @@ COCO = [
     "rerank_counts=[1]",  # each FID costs an eigendecomposition of 2048 x 2048: few of them
     "blur_radii=[0,2]",
 ]
+
+
+def test_the_round_trip_on_the_built_in_shapes(trained, tmp_path):  # noqa: F811
+    """Needs no asset, so it runs on every machine: reference, FID equal from both sides,
+    a mismatch refused."""
+    shapes = ["splits=[test]", "rerank_counts=[1]", "blur_radii=[0,2]"]
+    made = evaluate(metrics_cfg(trained, tmp_path / "made", "task=reference_stats", *shapes))
+    folder = Path(made["reference"]["folder"])
+    assert made["metrics"] == {"test/blur0/images": 4, "test/blur2/images": 4}
+    evaluate(metrics_cfg(trained, tmp_path / "real", *shapes))
+    evaluate(metrics_cfg(trained, tmp_path / "ref", *shapes, f"fid_reference={folder}"))
+    rows = {(r["k"], r["blur_radius"]): r for r in _rows(tmp_path / "real")}
+    ref_rows = {(r["k"], r["blur_radius"]): r for r in _rows(tmp_path / "ref")}
+    assert sorted(rows) == sorted(ref_rows) == [(1, 0), (1, 2)]
+    for key, row in rows.items():
+        for metric in ("fid", "is_mean", "attribute_accuracy"):
+            assert ref_rows[key][metric] == pytest.approx(row[metric], rel=1e-6), (key, metric)
+    with pytest.raises(ConfigError, match="caption_seed=1234"):
+        evaluate(metrics_cfg(trained, tmp_path / "bad", *shapes, f"fid_reference={folder}",
+                             "seed=7"))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +70,7 @@ def reference(trained, tmp_path_factory) -> Path:  # noqa: F811
     return folder
 
 
+@needs_coco
 def test_the_reference_holds_statistics_protocol_and_captions(reference, trained):  # noqa: F811
     assert sorted(p.name for p in (reference / "val").iterdir()) == [
         "blur0.json",
@@ -77,6 +97,7 @@ def test_the_reference_holds_statistics_protocol_and_captions(reference, trained
     assert meta["statistics_sha256"] == file_sha256(reference / "val" / "blur2.npz")
 
 
+@needs_coco
 def test_fid_from_the_reference_equals_fid_from_the_real_images(
     reference,
     trained,  # noqa: F811
@@ -120,6 +141,7 @@ def _rows(out_dir: Path) -> list[dict]:
     return json.loads((out_dir / "results.json").read_text())["rows"]
 
 
+@needs_coco
 @pytest.mark.parametrize(
     "override, field",
     [
@@ -148,6 +170,7 @@ def test_a_reference_with_another_protocol_is_refused_before_any_work(
     assert not (tmp_path / "eval_pools").exists()
 
 
+@needs_coco
 def test_a_missing_radius_or_a_changed_file_is_refused(reference, trained, tmp_path):  # noqa: F811
     common = [*COCO, f"dataset.root={COCO_MINI}", f"fid_reference={reference}"]
     with pytest.raises(ConfigError, match="blur radius 1"):
@@ -165,6 +188,7 @@ def test_a_missing_radius_or_a_changed_file_is_refused(reference, trained, tmp_p
                              f"fid_reference={copy}"))  # fmt: skip
 
 
+@needs_coco
 def test_the_command_line_refusal_is_one_line(reference, trained, tmp_path):  # noqa: F811
     command = [sys.executable, "evaluate.py", *COCO, f"dataset.root={COCO_MINI}"]
     command += [f"ckpt_path={trained['dalle']}", f"reranker.ckpt_path={trained['clip']}"]

@@ -158,7 +158,10 @@ def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(tmp_
     stopped_at = torch.load(_last(stopped_dir), weights_only=True)["global_step"]
     assert 0 < stopped_at < 40, f"SIGTERM came too late (step {stopped_at}) to test anything"
     (log_file,) = stopped_dir.glob("train_dvae/runs/*/train_dvae.log")
-    assert f"SIGTERM: training stopped at step {stopped_at};" in log_file.read_text()
+    said = log_file.read_text()  # at an epoch's end the periodic save is kept (test below)
+    assert f"SIGTERM: training stopped at step {stopped_at};" in said or (
+        "SIGTERM at the end of an epoch" in said
+    )
 
     resumed = _train(stopped_dir, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -169,12 +172,44 @@ def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(tmp_
         _assert_same_tensors(a[key], b[key], key)
 
 
+@pytest.mark.parametrize(
+    ("step", "hook", "saved_at"),
+    [  # 6 batches per epoch; the periodic saves are at steps 4, 8, ...
+        (4, "batch_start", 5),  # during a step mid-epoch: saved at its end
+        (5, "batch_start", 6),  # during the last step of an epoch: saved at its end
+        (3, "batch_end", 3),  # after the save hook ran, mid-epoch: saved when the loop stops
+        (6, "epoch_end", 4),  # in the epoch's end hooks: the periodic save of step 4 stays
+    ],
+)
+def test_sigterm_at_an_epochs_end_still_resumes_bitwise(tmp_path, step, hook, saved_at):
+    """The signal sent from inside the run at a chosen step and hook (tests/signal_at_step.py),
+    so the epoch boundary is hit every time rather than by chance."""
+    full = _train(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    signal_at = [
+        "+callbacks.signal._target_=tests.signal_at_step.SignalAtStep",
+        f"+callbacks.signal.step={step}",
+        f"+callbacks.signal.hook={hook}",
+    ]
+    stopped = _train(tmp_path / "stopped", *signal_at)
+    assert stopped.returncode == 4, stopped.stderr[-3000:]
+    assert torch.load(_last(tmp_path / "stopped"), weights_only=True)["global_step"] == saved_at
+    resumed = _train(tmp_path / "stopped", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    b = torch.load(_last(tmp_path / "stopped"), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 40
+    for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
+        _assert_same_tensors(a[key], b[key], key)
+
+
 def test_slurm_requeue_signal_then_the_requeued_job_resumes_by_itself(tmp_path):
-    """Under SLURM (its environment faked, a fake `scontrol` on PATH): the requeue signal
-    (SIGUSR1) makes Lightning write its hpc checkpoint and call `scontrol requeue <job id>`;
-    SLURM then sends SIGTERM, the run writes last.ckpt at the step and exits with code 4. The
-    same command, started again by SLURM with SLURM_RESTART_COUNT=1 and no resume=true,
-    continues that run and ends bitwise equal to an uninterrupted one."""
+    """Under SLURM (its environment faked, a stand-in `scontrol` on PATH): the requeue signal
+    (SIGUSR1) stops the run at the step's end, writes last.ckpt, calls `scontrol requeue <job
+    id>` and exits with code 4 (Lightning's own handler, which saves inside the signal handler,
+    is replaced: no hpc checkpoint). The same command, started again by SLURM with
+    SLURM_RESTART_COUNT=1 and no resume=true, continues that run and ends bitwise equal to an
+    uninterrupted one."""
     full = _train(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
 
@@ -196,18 +231,17 @@ def test_slurm_requeue_signal_then_the_requeued_job_resumes_by_itself(tmp_path):
     job = tmp_path / "job"
     proc = _start_past_its_first_checkpoint(job, subprocess.PIPE, env=slurm)
     proc.send_signal(signal.SIGUSR1)
-    deadline = time.time() + 60
-    while not calls.exists():
-        assert proc.poll() is None and time.time() < deadline, "scontrol was not called"
-        time.sleep(0.02)
-    assert calls.read_text().split() == ["requeue", "4242"]
-    proc.send_signal(signal.SIGTERM)  # what `scontrol requeue` makes SLURM do
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 4, stderr[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
     (run,) = job.glob("train_dvae/runs/*")
-    assert list(run.glob("hpc_ckpt_*.ckpt")), "Lightning's requeue handler wrote no checkpoint"
+    assert not list(run.glob("hpc_ckpt_*.ckpt"))  # Lightning's in-handler save did not run
     stopped_at = torch.load(_last(job), weights_only=True)["global_step"]
-    assert 0 < stopped_at < 40, f"the signals came too late (step {stopped_at})"
+    assert 0 < stopped_at < 40, f"the signal came too late (step {stopped_at})"
+    assert (
+        f"requeue signal: training stopped at step {stopped_at}"
+        in (run / "train_dvae.log").read_text()
+    )
 
     requeued = subprocess.run(
         [sys.executable, "train.py", *RUN, f"paths.log_dir={job}"],
