@@ -11,8 +11,8 @@ Every run gets `logs/<task_name>/runs/<timestamp>/` (sweeps: `logs/<task_name>/m
   checkpoint's step are kept; TensorBoard appends to the same folder and purges the killed
   run's later events; W&B resumes the run whose id the run directory fixes) and metrics.json
   continue in place. A SLURM job that SLURM requeued (`SLURM_RESTART_COUNT` > 0: after a
-  pre-emption, or Lightning's auto-requeue on the requeue signal) resumes by itself, from the
-  last.ckpt its SIGTERM wrote (`callbacks/preemption.py`), or starts afresh if it has none.
+  pre-emption, or on SLURM's requeue signal) resumes by itself, from the last.ckpt its
+  SIGTERM or requeue signal wrote (`callbacks/preemption.py`), or starts afresh if it has none.
   `resume_checkpoint` names the file; Lightning restores the model,
   optimizer, LR schedulers, callbacks and loops, and the resumable training loader
   (data/resumable.py) and `StepSeed` make the data order and random draws continue as if the
