@@ -44,12 +44,7 @@ def test_the_round_trip_on_the_built_in_shapes(trained, tmp_path):  # noqa: F811
     assert made["metrics"] == {"test/blur0/images": 4, "test/blur2/images": 4}
     evaluate(metrics_cfg(trained, tmp_path / "real", *shapes))
     evaluate(metrics_cfg(trained, tmp_path / "ref", *shapes, f"fid_reference={folder}"))
-    rows = {(r["k"], r["blur_radius"]): r for r in _rows(tmp_path / "real")}
-    ref_rows = {(r["k"], r["blur_radius"]): r for r in _rows(tmp_path / "ref")}
-    assert sorted(rows) == sorted(ref_rows) == [(1, 0), (1, 2)]
-    for key, row in rows.items():
-        for metric in ("fid", "is_mean", "attribute_accuracy"):
-            assert ref_rows[key][metric] == pytest.approx(row[metric], rel=1e-6), (key, metric)
+    _assert_same_rows(tmp_path / "real", tmp_path / "ref", ("fid", "is_mean", "attribute_accuracy"))
     with pytest.raises(ConfigError, match="caption_seed=1234"):
         evaluate(metrics_cfg(trained, tmp_path / "bad", *shapes, f"fid_reference={folder}",
                              "seed=7"))  # fmt: skip
@@ -77,7 +72,7 @@ def test_the_reference_holds_statistics_protocol_and_captions(reference, trained
         "blur0.npz",
         "blur2.json",
         "blur2.npz",
-    ]  # fmt: skip; the temporary real PNGs are gone
+    ]  # the temporary real PNGs are gone
     meta = json.loads((reference / "val" / "blur2.json").read_text())
     protocol = meta["protocol"]
     assert protocol["dataset"] == {
@@ -85,7 +80,7 @@ def test_the_reference_holds_statistics_protocol_and_captions(reference, trained
         "year": 2017,
         "image_size": 32,
         "max_image_pixels": 50_000_000,
-    }  # fmt: skip; no root folder: the reference is usable on another machine
+    }  # no root folder: the reference is usable on another machine
     assert protocol["split"] == "val" and protocol["caption_seed"] == 1234
     assert protocol["num_captions"] == 5 and protocol["blur_radius"] == 2
     assert protocol["inception_weights_sha256"] == file_sha256(trained["inception"])
@@ -113,12 +108,7 @@ def test_fid_from_the_reference_equals_fid_from_the_real_images(
             trained, tmp_path / "ref", *COCO, f"dataset.root={empty}", f"fid_reference={reference}"
         )
     )
-    rows = {(r["k"], r["blur_radius"]): r for r in _rows(tmp_path / "real")}
-    ref_rows = {(r["k"], r["blur_radius"]): r for r in _rows(tmp_path / "ref")}
-    assert sorted(rows) == sorted(ref_rows) == [(1, 0), (1, 2)]
-    for key, row in rows.items():
-        for metric in ("fid", "is_mean", "clip_score"):
-            assert ref_rows[key][metric] == pytest.approx(row[metric], rel=1e-6), (key, metric)
+    rows = _assert_same_rows(tmp_path / "real", tmp_path / "ref", ("fid", "is_mean", "clip_score"))
     assert rows[(1, 0)]["fid"] != pytest.approx(rows[(1, 2)]["fid"], rel=1e-3)  # blur counts
 
     pools = [Path(run["protocol"]["per_split"]["val"]["pool"]) for run in (real, ref)]
@@ -137,8 +127,20 @@ def test_fid_from_the_reference_equals_fid_from_the_real_images(
     )
 
 
-def _rows(out_dir: Path) -> list[dict]:
-    return json.loads((out_dir / "results.json").read_text())["rows"]
+def _rows(out_dir: Path) -> dict[tuple, dict]:
+    rows = json.loads((out_dir / "results.json").read_text())["rows"]
+    return {(r["k"], r["blur_radius"]): r for r in rows}
+
+
+def _assert_same_rows(real: Path, ref: Path, metrics: tuple[str, ...]) -> dict[tuple, dict]:
+    """The rows (k, blur) of the run against the real images equal those of the run against
+    the reference, metric by metric, to 1e-6 relative; the former returned."""
+    rows, ref_rows = _rows(real), _rows(ref)
+    assert sorted(rows) == sorted(ref_rows) == [(1, 0), (1, 2)]
+    for key, row in rows.items():
+        for metric in metrics:
+            assert ref_rows[key][metric] == pytest.approx(row[metric], rel=1e-6), (key, metric)
+    return rows
 
 
 @needs_coco

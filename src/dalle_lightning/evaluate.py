@@ -30,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dalle_lightning.checkpoints import read_checkpoint, require_file
 from dalle_lightning.config import require, require_choice, require_int, typed
+from dalle_lightning.data.shapes import ShapesDataModule
 from dalle_lightning.evaluation import reference_stats
 from dalle_lightning.evaluation.attribute_accuracy import attribute_accuracy, flat_metrics
 from dalle_lightning.evaluation.generate import generate_grids
@@ -168,13 +169,11 @@ def _check_splits(protocol: ProtocolConfig, datamodule: Any) -> None:
 
 def _metrics(cfg: DictConfig) -> dict:
     protocol = _protocol(cfg)
+    model, ckpt_path, sampling, batch_size, datamodule = _prior_and_data(cfg, setup=False)
     # with reference statistics the split's images are not needed (nor audited): only the
     # built-in shapes, rendered on the fly, still give their attribute records
-    setup = protocol.fid_reference is None or cfg.dataset.get("_target_", "").endswith(
-        "ShapesDataModule"
-    )
-    model, ckpt_path, sampling, batch_size, datamodule = _prior_and_data(cfg, setup)
-    if setup:
+    if protocol.fid_reference is None or isinstance(datamodule, ShapesDataModule):
+        datamodule.setup()
         _check_splits(protocol, datamodule)
     reranker = build(cfg.reranker, "reranker")
     trained_on = reranker.describe().get("trained_on")

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from dalle_lightning.checkpoints import file_sha256
 from dalle_lightning.data.datamodule import collate_image_text
 from dalle_lightning.models.image_tokenizer import ImageTokenizer
+from dalle_lightning.runs import write_text_atomic
 from dalle_lightning.text.tokenizer import BPETokenizer
 
 log = logging.getLogger(__name__)
@@ -108,17 +109,13 @@ def _checksum_file(path: Path) -> Path:
 def _write_checked(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` through a temporary name, then its sha256 beside it."""
     partial = path.with_suffix(f".tmp{os.getpid()}")
-    sums = _checksum_file(path)
-    partial_sums = sums.with_suffix(f".tmp{os.getpid()}")
     try:  # a full disk leaves no partial file behind
         write(partial)
         digest = file_sha256(partial)
         partial.replace(path)
-        partial_sums.write_text(digest + "\n")
-        partial_sums.replace(sums)
     finally:
         partial.unlink(missing_ok=True)
-        partial_sums.unlink(missing_ok=True)
+    write_text_atomic(_checksum_file(path), digest + "\n")
 
 
 def _load_checked(path: Path, read: Callable[[Path], T]) -> T | None:
@@ -143,7 +140,7 @@ def _load_checked(path: Path, read: Callable[[Path], T]) -> T | None:
         sums.unlink(missing_ok=True)
         return None
     if not sums.is_file():
-        sums.write_text(file_sha256(path) + "\n")
+        write_text_atomic(sums, file_sha256(path) + "\n")
     return value
 
 

@@ -242,7 +242,7 @@ def _fidelity_rows(
     """FID and IS of every best-of-k set against the real images (or their reference
     statistics), both blurred alike."""
     weights = protocol.inception_weights
-    weights_tag = file_sha256(weights)[:12] if weights else "download"
+    weights_tag = None  # names the real images' feature cache; not needed with references
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     jobs = [(r, k) for r in protocol.blur_radii for k in chosen]
@@ -261,6 +261,8 @@ def _fidelity_rows(
         else:
             if radius:
                 real = blur_folder(real, files.pool / f"real_blur{radius}", radius)
+            if weights_tag is None:
+                weights_tag = file_sha256(weights)[:12] if weights else "download"
             cache = (files.pool / "fidelity_cache", f"real_blur{radius}_{weights_tag}")
             metrics = fid_and_is(fake, real, real_cache=cache, **common)
         rows.append({"split": split, "k": k, "blur_radius": radius, **metrics, **per_k[k]})

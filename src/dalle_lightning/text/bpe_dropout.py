@@ -27,6 +27,12 @@ import random
 from tokenizers import Tokenizer
 
 
+def merge_pairs(model: dict) -> list[tuple[str, str]]:
+    """The merges of an HF BPE model's JSON, in rank order ("a b" strings or [a, b] pairs,
+    depending on the `tokenizers` version that wrote it)."""
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+
 class SeededBPEDropout:
     """The merges of a trained BPE `tokenizer`, applied with dropout from a given generator."""
 
@@ -39,8 +45,7 @@ class SeededBPEDropout:
         unk = model.get("unk_token")
         self.unk_id: int | None = self.vocab[unk] if unk is not None else None
         self.merges: dict[tuple[int, int], tuple[int, int]] = {}  # pair -> (rank, new id)
-        for rank, merge in enumerate(model["merges"]):
-            a, b = merge.split(" ") if isinstance(merge, str) else merge
+        for rank, (a, b) in enumerate(merge_pairs(model)):
             self.merges[(self.vocab[a], self.vocab[b])] = (rank, self.vocab[a + b])
         self.normalizer, self.pre_tokenizer = tokenizer.normalizer, tokenizer.pre_tokenizer
         self._start: dict[str, tuple] = {}  # word -> `_initial(word)`

@@ -26,7 +26,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from torch import Tensor
 
 from dalle_lightning.config import ConfigError, require_float, require_int
-from dalle_lightning.text.bpe_dropout import SeededBPEDropout
+from dalle_lightning.text.bpe_dropout import SeededBPEDropout, merge_pairs
 
 UNK = "[UNK]"
 END_OF_WORD = "</w>"
@@ -153,8 +153,7 @@ def _canonical_ids(tokenizer: Tokenizer) -> Tokenizer:
     merge order. The merges, and so the pieces of every caption, are unchanged."""
     state = json.loads(tokenizer.to_str())
     model = state["model"]
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-    merged = list(dict.fromkeys(a + b for a, b in merges))
+    merged = list(dict.fromkeys(a + b for a, b in merge_pairs(model)))
     made = set(merged)
     single = sorted(t for t in model["vocab"] if t not in made and t != UNK)
     order = [UNK, *single, *merged]
