@@ -120,6 +120,42 @@ def test_prefill_and_steps_equal_the_forward_and_leave_the_model_unhooked(attent
     assert all(not block.attention.qkv._forward_hooks for block in model.blocks)
 
 
+def test_rows_with_the_same_text_share_one_prefill():
+    """Best-of-k: k candidates of a caption (and guidance's blank rows) run the prompt once
+    per distinct row; every row's cache and logits equal those of its own prefill, and
+    sampling gives the codes it gives one caption at a time."""
+    model = tiny("sparse")
+    text, codes = inputs(batch=2)
+    repeated = text.repeat_interleave(3, 0)  # (6, T): 2 captions x 3 candidates
+    rows_seen = []
+    handle = model.blocks[0].attention.qkv.register_forward_hook(
+        lambda module, args, out: rows_seen.append(out.shape[0])
+    )
+    with torch.no_grad():
+        shared = KVDecoder(model, batch=6)
+        logits = shared.prefill(repeated)
+        own = KVDecoder(model, batch=2)
+        expected = own.prefill(text)
+    handle.remove()
+    assert rows_seen == [2, 2]  # the shared prefill ran 2 rows, not 6
+    torch.testing.assert_close(logits, expected.repeat_interleave(3, 0), atol=1e-6, rtol=0)
+    filled = own.cache.length
+    torch.testing.assert_close(
+        shared.cache.keys_values[..., :filled, :],
+        own.cache.keys_values[..., :filled, :].repeat_interleave(3, 2),
+        atol=1e-6,
+        rtol=0,
+    )
+    sampling = SamplingConfig(temperature=0.8, cond_scale=2.0)
+    g = torch.Generator().manual_seed(0)
+    together = sample_codes(model, repeated, sampling, g, keep_logits=True)
+    alone = sample_codes(
+        model, repeated, sampling, g.manual_seed(0), use_cache=False, keep_logits=True
+    )
+    assert torch.equal(together.codes, alone.codes)
+    torch.testing.assert_close(together.logits, alone.logits, atol=1e-5, rtol=0)
+
+
 def test_each_generation_uses_the_current_weights():
     """The decoder prepacks the step's weights per generation: after the weights change,
     cached sampling still equals the uncached forward (no stale copy of an earlier one)."""
@@ -159,7 +195,13 @@ def test_sampling_settings_left_unset_come_from_the_checkpoint():
     )
     # a checkpoint from before sampling settings were saved: the plain sampler
     plain = resolve_sampling({}, SamplingConfig(), guidance_trained=False)
-    assert asdict(plain) == {"temperature": 1.0, "top_k": None, "top_p": None, "cond_scale": 1.0}
+    assert asdict(plain) == {
+        "temperature": 1.0,
+        "top_k": None,
+        "top_p": None,
+        "cond_scale": 1.0,
+        "jacobi_window": 0,
+    }
     # guidance on a prior that never saw a blank caption is refused, naming the fix
     for trained_scale, asked in ((1.5, None), (1.0, 2.0)):
         with pytest.raises(ConfigError) as err:
@@ -172,6 +214,9 @@ def test_sampling_settings_left_unset_come_from_the_checkpoint():
     with pytest.raises(ConfigError, match="an integer or null") as err:
         resolve_sampling({"top_k": "many"}, trained, True)
     assert err.value.field == "sampling.top_k"
+    with pytest.raises(ConfigError, match="jacobi_window") as err:
+        resolve_sampling({"jacobi_window": -2}, trained, True)
+    assert err.value.field == "sampling.jacobi_window"
 
 
 def test_sampling_is_seeded():

@@ -35,10 +35,15 @@ class KVCache:
     """Preallocated keys and values of every layer: (depth, B, H, S, E) each, two views of one
     (depth, 2, B, H, S, E) buffer so that a decoding step writes both with one copy."""
 
-    def __init__(self, config: PriorConfig, batch: int, device=None, dtype=None):
+    def __init__(self, config: PriorConfig, batch: int, device=None, dtype=None, storage=None):
+        """`storage`: an existing buffer of that shape to use (a static decoder's)."""
         head_dim = config.dim // config.heads
         shape = (config.depth, 2, batch, config.heads, config.seq_len, head_dim)
-        self.keys_values = torch.zeros(shape, device=device, dtype=dtype)
+        if storage is None:
+            storage = torch.zeros(shape, device=device, dtype=dtype)
+        if storage.shape != shape:
+            raise ValueError(f"a cache of shape {shape}, got {tuple(storage.shape)}")
+        self.keys_values = storage
         self.keys, self.values = self.keys_values.unbind(1)
         self.length = 0  # slots filled so far
 
@@ -46,10 +51,10 @@ class KVCache:
 class KVDecoder:
     """Cached decoding of `batch` rows with `prior` (its weights as they are now)."""
 
-    def __init__(self, prior: PriorTransformer, batch: int):
+    def __init__(self, prior: PriorTransformer, batch: int, cache: KVCache | None = None):
         self.prior, self.config = prior, prior.config
         weight = prior.text_embedding.weight
-        self.cache = KVCache(prior.config, batch, weight.device, weight.dtype)
+        self.cache = cache or KVCache(prior.config, batch, weight.device, weight.dtype)
         self.positions = prior.image_positions()  # (N, D) row + column embeddings
         self.linears = [  # per block: qkv, attention output, MLP in (+ GELU), MLP out
             (
@@ -70,14 +75,23 @@ class KVDecoder:
         }
 
     def prefill(self, text: Tensor) -> Tensor:
-        """Run the text (B, T) and the start-of-image slot; logits of code 0: (B, image_vocab)."""
+        """Run the text (B, T) and the start-of-image slot; logits of code 0: (B, image_vocab).
+
+        Rows with the same text (the k candidates of one caption in best-of-k, the blank rows
+        of guidance) share one forward: the prompt runs once per distinct row and its keys,
+        values and logits are copied to every row that has it."""
         prior, cache = self.prior, self.cache
         H, E = self.config.heads, self.config.dim // self.config.heads
+        unique, rows = torch.unique(text, dim=0, return_inverse=True)
+        if unique.shape[0] == text.shape[0]:  # nothing shared: keep the rows' own order
+            unique, rows = text, None
 
         def keep(layer: int):
-            def hook(module, inputs, qkv: Tensor) -> None:  # qkv (B, t, 3 * D)
-                B, t, _ = qkv.shape
-                keys_values = qkv.view(B, t, 3, H, E)[:, :, 1:].permute(2, 0, 3, 1, 4)
+            def hook(module, inputs, qkv: Tensor) -> None:  # qkv (U, t, 3 * D)
+                U, t, _ = qkv.shape
+                keys_values = qkv.view(U, t, 3, H, E)[:, :, 1:].permute(2, 0, 3, 1, 4)
+                if rows is not None:
+                    keys_values = keys_values.index_select(1, rows)
                 cache.keys_values[layer, :, :, :, :t] = keys_values  # (2, B, H, t, E)
 
             return hook
@@ -87,13 +101,14 @@ class KVDecoder:
             for layer, block in enumerate(prior.blocks)
         ]
         try:
-            soi = torch.full_like(text[:, :1], prior.start_of_image)
-            h = prior.hidden(torch.cat([prior.embed_text(text), prior.embed_image(soi, 0)], 1))
+            soi = torch.full_like(unique[:, :1], prior.start_of_image)
+            h = prior.hidden(torch.cat([prior.embed_text(unique), prior.embed_image(soi, 0)], 1))
         finally:
             for handle in handles:
                 handle.remove()
         cache.length = h.shape[1]
-        return in_fp32(prior.to_image_logits, h[:, -1])
+        logits = in_fp32(prior.to_image_logits, h[:, -1])
+        return logits if rows is None else logits.index_select(0, rows)
 
     def step(self, code: Tensor) -> Tensor:
         """Feed code p - 1 (B,) into image slot p; logits of code p: (B, image_vocab)."""
@@ -111,6 +126,36 @@ class KVDecoder:
             x = x + mlp_out(mlp_in(F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)))
         cache.length += 1
         return in_fp32(self.image_head, F.layer_norm(x, (D,), prior.norm.weight, prior.norm.bias))
+
+    def window(self, inputs: Tensor) -> Tensor:
+        """Feed inputs (B, L) into image slots p .. p + L - 1 (p = the next slot: inputs[:, 0]
+        is code p - 1, the rest are guesses of codes p .. p + L - 2); logits of codes
+        p .. p + L - 1: (B, L, image_vocab), each conditioned on the inputs before it.
+
+        Speculative decoding's verifying forward: every slot's keys and values are written, and
+        the caller sets `cache.length` to the slots whose inputs it kept (later slots are
+        overwritten by the next window or step)."""
+        c, cache, prior = self.config, self.cache, self.prior
+        (B, L), T, D, H, E = inputs.shape, c.text_seq_len, c.dim, c.heads, c.dim // c.heads
+        start, stop = cache.length, cache.length + L
+        x = F.embedding(inputs, prior.image_embedding.weight) + self.positions[start - T : stop - T]
+        x = x.reshape(B * L, D)
+        layers = zip(prior.blocks, prior.patterns, self.linears, strict=True)
+        for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
+            h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
+            qkv = qkv_in(h).view(B, L, 3, H, E)
+            cache.keys_values[layer, :, :, :, start:stop] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(
+                qkv[:, :, 0].transpose(1, 2),  # (B, H, L, E)
+                cache.keys[layer, :, :, :stop],
+                cache.values[layer, :, :, :stop],
+                attn_mask=self.bias[pattern][start:stop, :stop],
+            )
+            x = x + proj(out.transpose(1, 2).reshape(B * L, D))
+            x = x + mlp_out(mlp_in(F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)))
+        cache.length = stop
+        h = F.layer_norm(x, (D,), prior.norm.weight, prior.norm.bias)
+        return in_fp32(self.image_head, h).view(B, L, -1)
 
     def _attention(self, q: Tensor, layer: int, pattern: str) -> Tensor:
         """Queries (B * H, 1, E) of slot `cache.length` against the cached keys and values that

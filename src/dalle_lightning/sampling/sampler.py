@@ -23,6 +23,8 @@ from dalle_lightning.config import ConfigError, require_float, require_int, type
 from dalle_lightning.models.image_tokenizer import ImageTokenizer
 from dalle_lightning.models.transformer import PriorTransformer
 from dalle_lightning.sampling.kv_decoder import KVDecoder
+from dalle_lightning.sampling.speculative_jacobi import speculative_jacobi
+from dalle_lightning.sampling.static_decoder import StaticDecoder
 from dalle_lightning.text.tokenizer import BPETokenizer
 
 
@@ -36,9 +38,13 @@ class SamplingConfig:
     top_k: int | None = None  # keep the k most likely codes
     top_p: float | None = None  # nucleus: the smallest set with probability >= top_p
     cond_scale: float = 1.0  # classifier-free guidance: blank + s * (caption - blank); 1: off
+    # > 1: speculative Jacobi decoding, that many codes per forward at most (the same
+    # distribution, other draws; speculative_jacobi.py); 0 or 1: one code per forward
+    jacobi_window: int = 0
 
     def __post_init__(self) -> None:
         require_float("temperature", self.temperature, 1e-6)
+        require_int("jacobi_window", self.jacobi_window, 0)
         require_float("cond_scale", self.cond_scale, 0.0)
         if self.top_k is not None:
             require_int("top_k", self.top_k, 1)
@@ -74,6 +80,7 @@ def resolve_sampling(
 class Samples(NamedTuple):
     codes: Tensor  # (B, N) long
     logits: Tensor | None  # (B, N, image_vocab) before filtering, when keep_logits=True
+    forwards: int = 0  # decoder forwards after the prompt's (one per code without jacobi_window)
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -108,36 +115,68 @@ def sample_codes(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     keep_logits: bool = False,
+    static: StaticDecoder | None = None,
 ) -> Samples:
     """Sample N image codes for each row of text ids (B, T).
 
     Guidance (`sampling.cond_scale` != 1): the same codes are also fed to a copy of each row
     with a blank caption (all pads) and the logits become blank + s * (caption - blank).
+    `sampling.jacobi_window` > 1: speculative Jacobi decoding with windows of that many codes
+    (the same distribution, other draws; `speculative_jacobi.py`).
+    `static`: decode with this `StaticDecoder` (built for these rows; compiled or not), the
+    GPU path, instead of a new `KVDecoder`.
     """
     B, N = text.shape[0], prior.config.image_seq_len
     if sampling.guided:
         text = torch.cat([text, blank_text(prior, B, text.device)])
+
+    def guide(logits: Tensor) -> Tensor:  # (2B | B, ..., V) -> (B, ..., V)
+        logits = logits.float()
+        return (
+            logits[B:] + sampling.cond_scale * (logits[:B] - logits[B:])
+            if sampling.guided
+            else logits
+        )
+
+    def target(logits: Tensor) -> Tensor:  # what is sampled from, as filtered logits
+        if sampling.temperature != 1.0:
+            logits = logits / sampling.temperature
+        return filter_logits(logits, sampling.top_k, sampling.top_p)
+
+    if sampling.jacobi_window > 1 and use_cache and static is None:
+        decoder = KVDecoder(prior, text.shape[0])
+        copies = 2 if sampling.guided else 1
+        out = speculative_jacobi(
+            decoder,
+            guide(decoder.prefill(text)),
+            lambda inputs: guide(decoder.window(inputs.repeat(copies, 1))),
+            lambda logits: target(logits).softmax(-1),
+            lambda probs: gumbel_max(probs.log(), generator),
+            sampling.jacobi_window,
+            generator,
+            keep_logits,
+        )
+        return Samples(out.codes, out.logits, out.forwards)
     codes = torch.zeros(text.shape[0], N, dtype=torch.long, device=text.device)
     kept = []
-    decoder = KVDecoder(prior, text.shape[0]) if use_cache else None
+    decoder = KVDecoder(prior, text.shape[0]) if use_cache and static is None else None
+    T = prior.config.text_seq_len
     for p in range(N):
-        if decoder is None:
+        if static is not None:
+            slot = torch.tensor(T + p, device=text.device)
+            logits = static.prefill(text) if p == 0 else static.step_fn(codes[:, p - 1], slot)
+        elif decoder is None:
             logits = prior(text, codes).image_logits[:, p]
         elif p == 0:
             logits = decoder.prefill(text)
         else:
             logits = decoder.step(codes[:, p - 1])
-        logits = logits.float()
-        if sampling.guided:
-            logits = logits[B:] + sampling.cond_scale * (logits[:B] - logits[B:])
+        logits = guide(logits)
         if keep_logits:
             kept.append(logits)
-        if sampling.temperature != 1.0:
-            logits = logits / sampling.temperature
-        filtered = filter_logits(logits, sampling.top_k, sampling.top_p)
-        sampled = gumbel_max(filtered, generator)
+        sampled = gumbel_max(target(logits), generator)
         codes[:, p] = sampled.repeat(2) if sampling.guided else sampled
-    return Samples(codes[:B], torch.stack(kept, 1) if keep_logits else None)
+    return Samples(codes[:B], torch.stack(kept, 1) if keep_logits else None, N - 1)
 
 
 def blank_text(prior: PriorTransformer, rows: int, device: torch.device | str) -> Tensor:

@@ -1,0 +1,79 @@
+"""A decoding step with the same shapes at every image slot, for CUDA graphs: the prior's
+cached step the way gpt-fast decodes (a preallocated cache held as module buffers, the slot
+as a tensor, attention over the whole cache under the mask's row), which
+`torch.compile(mode="reduce-overhead")` captures once and replays for every slot.
+
+`StaticDecoder(prior, batch)` is built once and reused for every batch of that size (its
+cache is rewritten by each prompt); `prefill(text)` is `KVDecoder.prefill` into its buffers,
+`step(code, slot)` one slot. On CPU the step is slower than `KVDecoder.step` (which reads
+only the filled part of the cache and uses prepacked weights: docs/speed.md); it is the GPU
+path, run by `python -m dalle_lightning.gpu_check`. `tests/test_static_decoder.py` checks it
+against `KVDecoder` (1e-5) and that it compiles into one graph for all slots.
+
+Shape legend: B batch, T text_seq_len, S = T + N slots, D dim, H heads, E head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle_lightning.models.fp32 import in_fp32
+from dalle_lightning.models.transformer import PriorTransformer
+from dalle_lightning.sampling.kv_decoder import KVCache, KVDecoder
+
+
+class StaticDecoder(nn.Module):
+    def __init__(self, prior: PriorTransformer, batch: int):
+        super().__init__()
+        c, weight = prior.config, prior.text_embedding.weight
+        self.prior, self.batch = prior, batch
+        head_dim = c.dim // c.heads
+        shape = (c.depth, 2, batch, c.heads, c.seq_len, head_dim)
+        self.register_buffer(
+            "keys_values", torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+        )
+        # slot positions (S, D): zeros over the text, row + column embeddings over the image
+        with torch.no_grad():
+            positions = F.pad(prior.image_positions(), (0, 0, c.text_seq_len, 0))
+        self.register_buffer("positions", positions)
+        for pattern in set(prior.patterns):  # additive (S, S) masks: 0 allowed, -inf not
+            mask = prior.mask(pattern)
+            bias = torch.zeros(mask.shape, device=weight.device, dtype=weight.dtype)
+            self.register_buffer(f"bias_{pattern}", bias.masked_fill_(~mask, float("-inf")))
+
+        self.step_fn = self.step  # what sampling calls: `compile()` swaps in the compiled one
+
+    def compile(self, mode: str | None = "reduce-overhead") -> StaticDecoder:
+        """Compile `step` once (one graph for every slot; CUDA graphs with reduce-overhead)."""
+        self.step_fn = torch.compile(self.step, mode=mode, fullgraph=True)
+        return self
+
+    def prefill(self, text: Tensor) -> Tensor:
+        """`KVDecoder.prefill` writing into this decoder's cache: logits of code 0 (B, V)."""
+        cache = KVCache(self.prior.config, self.batch, storage=self.keys_values)
+        return KVDecoder(self.prior, self.batch, cache).prefill(text)
+
+    def step(self, code: Tensor, slot: Tensor) -> Tensor:
+        """Feed code (B,) into `slot` (a 0-d long tensor: T + image position); logits of the
+        next code (B, V). Slots after `slot` hold stale keys and values, masked out."""
+        prior, c = self.prior, self.prior.config
+        B, D, H, E = code.shape[0], c.dim, c.heads, c.dim // c.heads
+        at = slot.view(1)
+        x = F.embedding(code, prior.image_embedding.weight) + self.positions.index_select(0, at)
+        for layer, (block, pattern) in enumerate(zip(prior.blocks, prior.patterns, strict=True)):
+            attention = block.attention
+            h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
+            qkv = F.linear(h, attention.qkv.weight, attention.qkv.bias).view(B, 3, H, E)
+            self.keys_values[layer].index_copy_(3, at, qkv[:, 1:].transpose(0, 1)[..., None, :])
+            keys, values = self.keys_values[layer].unbind(0)  # (B, H, S, E)
+            mask = getattr(self, f"bias_{pattern}").index_select(0, at)  # (1, S)
+            out = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values, attn_mask=mask)
+            x = x + F.linear(out.view(B, D), attention.proj.weight, attention.proj.bias)
+            h = F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)
+            hidden = F.gelu(F.linear(h, block.mlp[0].weight, block.mlp[0].bias))
+            x = x + F.linear(hidden, block.mlp[2].weight, block.mlp[2].bias)
+        return in_fp32(
+            prior.to_image_logits, F.layer_norm(x, (D,), prior.norm.weight, prior.norm.bias)
+        )
