@@ -17,6 +17,9 @@ def test_cpu_parts_agree_with_the_fp32_reference():
     assert agreement["cpu bf16-mixed"] == pytest.approx(agreement["cpu 32-true"], rel=5e-2)
     assert report["speed"]["bf16-mixed"]["tokens_per_s"] > 0
     assert report["fsdp2"].startswith("skipped")
+    decoding = report["decoding"]  # the static step equals the KV decoder on the CPU too
+    assert set(decoding) == {"kv_decoder", "static"}  # compiled: GPU only
+    assert decoding["static"]["max_diff"] < 1e-5 and decoding["static"]["images_per_s"] > 0
 
 
 def test_a_mismatch_exits_1_and_names_it(monkeypatch, capsys):

@@ -11,8 +11,12 @@ has, checked against the CPU, in a few minutes (under 8 on one H100-class GPU).
 3. FSDP2 (with 2 or more GPUs): `train.py model=dalle trainer=fsdp trainer.devices=2
    trainer.precision=bf16-mixed` on a tiny prior against the one-GPU run of the same global
    batch: val/loss within 2%.
+4. Decoding: images/s at the benchmark's reference config (dim 256, depth 4, 8 heads, 32 text
+   + 16 x 16 image tokens, batch 8) with the KV decoder, the static-shape step eager, and the
+   static step under torch.compile(mode="reduce-overhead") (CUDA graphs; GPU only); every
+   step's logits on fixed codes must equal the KV decoder's to 1e-3.
 
-Exit code 1 on any mismatch, 2 when no CUDA GPU is visible (`--device cpu` runs parts 1-2 on
+Exit code 1 on any mismatch, 2 when no CUDA GPU is visible (`--device cpu` runs parts 1, 2, 4 on
 the CPU, tiny, which is what tests/test_gpu_check.py does). Figures go to docs/scaling.md.
 """
 
@@ -31,6 +35,9 @@ import torch
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
 from dalle_lightning.plan import GIB, Setup, activation_bytes, prior_parameters
+from dalle_lightning.sampling.kv_decoder import KVDecoder
+from dalle_lightning.sampling.sampler import SamplingConfig, sample_codes
+from dalle_lightning.sampling.static_decoder import StaticDecoder
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "V100": 125, "L40S": 362, "A10": 125}
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -130,6 +137,58 @@ def speed(config: PriorConfig, batch: int, device: str, steps: int) -> dict:
     return out
 
 
+def decoding(device: str, problems: list[str], batch: int = 8, repeats: int = 3) -> dict:
+    """Part 4: the decoders' images/s (sampling only, no dVAE) and agreement on fixed codes."""
+    torch.manual_seed(0)
+    config = PriorConfig(text_vocab=512, text_seq_len=32, image_vocab=512, grid_size=16)
+    prior = PriorTransformer(config).to(device).eval()
+    text = torch.randint(0, config.text_vocab, (batch, config.text_seq_len), device=device)
+    codes = torch.randint(0, config.image_vocab, (batch, config.image_seq_len), device=device)
+    variants: dict[str, StaticDecoder | None] = {
+        "kv_decoder": None,
+        "static": StaticDecoder(prior, batch),
+    }
+    if device == "cuda":
+        variants["static_compiled"] = StaticDecoder(prior, batch).compile("reduce-overhead")
+    out: dict = {}
+    with torch.inference_mode():
+        reference = KVDecoder(prior, batch)
+        expected = [reference.prefill(text)]
+        expected += [reference.step(codes[:, p - 1]) for p in range(1, config.image_seq_len)]
+        for name, static in variants.items():
+            if static is not None:
+                T = config.text_seq_len
+                got = [static.prefill(text)]
+                for p in range(1, config.image_seq_len):
+                    slot = torch.tensor(T + p, device=device)
+                    got.append(static.step_fn(codes[:, p - 1], slot).clone())
+                diff = (torch.stack(got, 1) - torch.stack(expected, 1)).abs().max().item()
+                if diff > 1e-3:
+                    problems.append(f"decoding {name}: logits differ by {diff:.2e}")
+            else:
+                diff = 0.0
+
+            def generate(static: StaticDecoder | None = static) -> None:
+                generator = torch.Generator(device=device).manual_seed(0)
+                sample_codes(prior, text, SamplingConfig(), generator, static=static)
+
+            started = time.perf_counter()
+            generate()  # warm-up (and compilation)
+            first = time.perf_counter() - started
+            times = []
+            for _ in range(repeats):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                generate()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            seconds = sorted(times)[len(times) // 2]
+            out[name] = {"images_per_s": batch / seconds, "first_call_s": first, "max_diff": diff}
+    return out
+
+
 def fsdp2(problems: list[str]) -> dict:
     """Part 3: train.py under trainer=fsdp on 2 GPUs against one GPU, same global batch."""
     root = Path(__file__).resolve().parents[2]
@@ -195,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
     report["agreement"], problems = agreement(args.device)
     report["speed"] = speed(config, args.batch, args.device, args.steps)
+    report["decoding"] = decoding(args.device, problems)
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     report["fsdp2"] = fsdp2(problems) if gpus >= 2 else "skipped: fewer than 2 GPUs"
     report["problems"] = problems
