@@ -220,11 +220,18 @@ def test_shapes_dalle_experiment_is_model_dalle(make_cfg):
         (["model=dalle", "trainer.max_steps=7"], 7, 16),  # the command line wins
         (["model=dalle", "debug=limit"], 20, 16),  # debug configs win
         (["experiment=paper_dalle"], 430_000, 1),  # experiments win
+        (["model=dvae", "experiment=shapes_quick"], 600, 8),  # schedule/dvae_quick.yaml
+        (["model=dalle", "experiment=shapes_quick"], 600, 16),  # schedule/dalle_quick.yaml
+        (["model=clip", "experiment=shapes_quick"], 300, 64),  # schedule/clip_quick.yaml
     ],
 )
 def test_each_stage_has_its_own_step_budget(make_cfg, overrides, steps, batch):
     cfg = make_cfg(overrides)
     assert (cfg.trainer.max_steps, cfg.dataset.batch_size) == (steps, batch)
+    if "experiment=shapes_quick" in overrides:  # the smoke recipe validates once, at the end
+        assert cfg.trainer.val_check_interval == steps and cfg.dataset.num_train == 4000
+        if cfg.model._target_.endswith("DVAEModule"):  # tau reaches its end value
+            assert cfg.model.temp_anneal_steps == steps
 
 
 @pytest.mark.parametrize(
