@@ -7,6 +7,7 @@ import json
 import pytest
 
 from dalle_lightning.benchmark import main
+from tests.conftest import ROOT
 
 TINY = [
     "--dim",
@@ -38,7 +39,8 @@ def test_prints_one_json_object_with_the_documented_keys(capsys):
     parts = {"prior_train", "generate", "dvae_train", "dvae_encode", "caption_encode"}
     assert set(result) == parts | {"config"}
     assert set(result["prior_train"]) == {"seconds_per_step", "tokens_per_s"}
-    assert set(result["generate"]) == {"seconds_per_batch", "images_per_s"}
+    assert set(result["generate"]) == {"seconds_per_batch", "images_per_s", "codes_per_forward"}
+    assert result["generate"]["codes_per_forward"] == 1.0  # one code per forward by default
     assert set(result["dvae_train"]) == {"seconds_per_step", "images_per_s"}
     # throughput counts what a user gets: batch x (text + image tokens) per second
     prior = result["prior_train"]
@@ -63,3 +65,19 @@ def test_only_runs_a_subset(capsys):
     with pytest.raises(SystemExit):
         main([*TINY, "--only", "generation"])
     assert "unknown part(s) generation" in capsys.readouterr().err
+
+
+def test_generate_with_jacobi_windows_reports_codes_per_forward(capsys):
+    """Random weights give near-uniform code distributions: most guesses are kept, so a
+    window of 4 settles more than one code per forward (at most 4)."""
+    main([*TINY, "--only", "generate", "--jacobi-window", "4", "--batch", "1"])
+    generate = json.loads(capsys.readouterr().out)["generate"]
+    assert 1.0 < generate["codes_per_forward"] <= 4.0
+
+
+def test_generate_samples_a_trained_checkpoint_with_its_own_settings(capsys):
+    """--ckpt: the file's prior, dVAE and sampling (a stage-2 checkpoint of an older main)."""
+    legacy = ROOT / "tests" / "fixtures" / "legacy" / "dalle_main_d5d9626.ckpt"
+    main([*TINY, "--only", "generate", "--ckpt", str(legacy), "--jacobi-window", "2"])
+    generate = json.loads(capsys.readouterr().out)["generate"]
+    assert generate["images_per_s"] > 0 and 1.0 <= generate["codes_per_forward"] <= 2.0

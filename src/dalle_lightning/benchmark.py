@@ -6,7 +6,10 @@
 prior_train  one AdamW step of the prior on [text | image] tokens: seconds_per_step and
              tokens_per_s = batch x (text_seq_len + grid^2) / seconds_per_step
 generate     sampling a full image per caption with the KV cache, plus dVAE decoding:
-             seconds_per_batch and images_per_s (complete decoded images per second)
+             seconds_per_batch, images_per_s (complete decoded images per second) and
+             codes_per_forward (> 1 with --jacobi-window W: speculative Jacobi decoding);
+             --ckpt PATH samples a trained stage-2 checkpoint instead (its prior, dVAE and
+             sampling settings, shapes validation captions)
 dvae_train   one AdamW step of the dVAE (Gumbel-softmax, logit-Laplace + KL): images_per_s
 dvae_encode  argmax codes of images: images_per_s
 caption_encode  BPE ids of a batch of shapes captions (what a stage-2 training item costs):
@@ -25,14 +28,16 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset
+from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import kl_to_uniform, logit_laplace_nll, prior_loss
-from dalle_lightning.sampling.sampler import sample_codes
+from dalle_lightning.sampling.sampler import SamplingConfig, sample_codes
 from dalle_lightning.text.tokenizer import BPETokenizer
 
 PARTS = ("prior_train", "generate", "dvae_train", "dvae_encode", "caption_encode")
@@ -52,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--jacobi-window", type=int, default=0, help="generate: codes per forward")
+    p.add_argument("--ckpt", default=None, help="generate: a trained stage-2 checkpoint")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
@@ -109,6 +116,32 @@ def build(args: argparse.Namespace) -> tuple[PriorTransformer, DVAE]:
     return prior, dvae
 
 
+def generate_speed(args: argparse.Namespace, prior, dvae, text, t: Callable) -> dict:
+    """The `generate` part: random weights and text, or `args.ckpt`'s model on captions."""
+    sampling = SamplingConfig(jacobi_window=args.jacobi_window)
+    if args.ckpt is not None:
+        model = DALLE.from_checkpoint(args.ckpt, args.device)
+        prior, dvae = model.prior, model.dvae
+        sampling = replace(model.sampling, jacobi_window=args.jacobi_window)
+        dataset = ShapesDataset(ShapesConfig(image_size=dvae.config.image_size), "val", 64)
+        captions = [dataset.render(i)[1] for i in range(args.batch)]
+        text = model.tokenizer.encode(captions).to(args.device)
+    prior.eval()
+    B, side = text.shape[0], prior.config.grid_size
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    forwards: list[int] = []
+
+    def generate() -> None:  # what `generate_images` runs for a batch
+        sampled = sample_codes(prior, text, sampling, generator)
+        forwards.append(sampled.forwards)
+        with torch.inference_mode():
+            dvae.decode(sampled.codes.view(B, side, side))
+
+    s = t(generate)
+    codes_per_forward = (side * side - 1) / statistics.mean(forwards)
+    return {"seconds_per_batch": s, "images_per_s": B / s, "codes_per_forward": codes_per_forward}
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -138,16 +171,7 @@ def run(args: argparse.Namespace) -> dict:
         result["prior_train"] = {"seconds_per_step": s, "tokens_per_s": B * (T + N) / s}
 
     if "generate" in wanted:
-        prior.eval()
-        generator = torch.Generator(device=dev).manual_seed(0)
-
-        def generate() -> None:  # what `generate_images` runs for a batch
-            sampled = sample_codes(prior, text, generator=generator).codes
-            with torch.inference_mode():
-                dvae.decode(sampled.view(B, args.grid, args.grid))
-
-        s = t(generate)
-        result["generate"] = {"seconds_per_batch": s, "images_per_s": B / s}
+        result["generate"] = generate_speed(args, prior, dvae, text, t)
 
     if "dvae_train" in wanted:
         opt = torch.optim.AdamW(dvae.parameters(), lr=1e-4)
