@@ -167,7 +167,9 @@ def test_fast_dev_run_dalle(make_cfg, tiny_dvae, tmp_path):
     assert abs(metrics["val/image_loss"] - torch.tensor(32.0).log().item()) < 0.5
 
 
-def test_training_checkpoint_rebuilds_dalle_and_generates(make_cfg, tiny_dvae, tmp_path):
+def test_training_checkpoint_rebuilds_dalle_and_generates(
+    make_cfg, tiny_dvae, tmp_path, monkeypatch
+):
     cfg = make_cfg(
         [
             "model=dalle",
@@ -227,11 +229,21 @@ def test_training_checkpoint_rebuilds_dalle_and_generates(make_cfg, tiny_dvae, t
             "num_captions=6",
             "dataset.image_size=32",
             "sampling.cond_scale=1",  # given values win over the checkpoint's
+            "sampling.batch_size=4",
         ],
         config_name="evaluate",
     )
     acfg.paths.output_dir = str(acc_dir)
+    batch_sizes = []
+    generate = DALLE.generate
+
+    def recording(self, *args, **kwargs):
+        batch_sizes.append(kwargs.get("batch_size"))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(DALLE, "generate", recording)
     summary = evaluate(acfg)
+    assert batch_sizes == [4, 4]  # sampling.batch_size reaches the generation of both splits
     assert summary["sampling"]["cond_scale"] == 1 and summary["sampling"]["temperature"] == 0.5
     result = summary["attributes"]
     for name in ("seen", "heldout"):

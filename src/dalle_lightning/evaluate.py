@@ -143,7 +143,9 @@ def _attributes(cfg: DictConfig) -> dict:
     require_int("num_captions", cfg.num_captions, 1)
     model, ckpt_path, sampling, batch_size, datamodule = _prior_and_data(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    results = attribute_accuracy(model, datamodule, cfg.num_captions, sampling, cfg.seed, out_dir)
+    results = attribute_accuracy(
+        model, datamodule, cfg.num_captions, sampling, cfg.seed, out_dir, batch_size
+    )
     return {
         "checkpoints": {"evaluated": ckpt_path},
         "sampling": _sampling_record(sampling, batch_size),

@@ -53,9 +53,11 @@ def attribute_accuracy(
     sampling: SamplingConfig,
     seed: int,
     out_dir: Path,
+    batch_size: int = 64,
 ) -> dict:
     """{"seen": ..., "heldout": ...}: per split the accuracy of the generated images, of the
-    dVAE's reconstructions and of the real images; one grid per split in `out_dir`."""
+    dVAE's reconstructions and of the real images; one grid per split in `out_dir`.
+    `batch_size`: images sampled together (evaluate.py's sampling.batch_size)."""
     n = num_captions
     require(
         all(split in datamodule.datasets for split in SPLITS.values()),
@@ -76,7 +78,9 @@ def attribute_accuracy(
             codes = model.dvae.encode(real.to(device))
             reconstructed = model.dvae.decode(codes).float().cpu()
         log.info("generating %d images for %s captions", n, name)
-        generated = model.generate(captions, 1, seed=seed, sampling=sampling).cpu()
+        generated = model.generate(
+            captions, 1, seed=seed, sampling=sampling, batch_size=batch_size
+        ).cpu()
         results[name] = {
             "split": split,
             "num_captions": n,
