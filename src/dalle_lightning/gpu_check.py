@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_lightning.benchmark import timed
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import prior_loss
 from dalle_lightning.plan import GIB, Setup, activation_bytes, prior_parameters
@@ -172,19 +173,8 @@ def decoding(device: str, problems: list[str], batch: int = 8, repeats: int = 3)
                 generator = torch.Generator(device=device).manual_seed(0)
                 sample_codes(prior, text, SamplingConfig(), generator, static=static)
 
-            started = time.perf_counter()
-            generate()  # warm-up (and compilation)
-            first = time.perf_counter() - started
-            times = []
-            for _ in range(repeats):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                generate()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - started)
-            seconds = sorted(times)[len(times) // 2]
+            first = timed(generate, 0, 1, device)  # the warm-up (and compilation)
+            seconds = timed(generate, 0, repeats, device)
             out[name] = {"images_per_s": batch / seconds, "first_call_s": first, "max_diff": diff}
     return out
 

@@ -35,26 +35,69 @@ class KVCache:
     """Preallocated keys and values of every layer: (depth, B, H, S, E) each, two views of one
     (depth, 2, B, H, S, E) buffer so that a decoding step writes both with one copy."""
 
-    def __init__(self, config: PriorConfig, batch: int, device=None, dtype=None, storage=None):
-        """`storage`: an existing buffer of that shape to use (a static decoder's)."""
+    def __init__(self, config: PriorConfig, batch: int, device=None, dtype=None):
         head_dim = config.dim // config.heads
         shape = (config.depth, 2, batch, config.heads, config.seq_len, head_dim)
-        if storage is None:
-            storage = torch.zeros(shape, device=device, dtype=dtype)
-        if storage.shape != shape:
-            raise ValueError(f"a cache of shape {shape}, got {tuple(storage.shape)}")
-        self.keys_values = storage
+        self.keys_values = torch.zeros(shape, device=device, dtype=dtype)
         self.keys, self.values = self.keys_values.unbind(1)
         self.length = 0  # slots filled so far
+
+
+def additive_masks(prior: PriorTransformer) -> dict[str, Tensor]:
+    """Each attention pattern's (S, S) mask as an additive bias: 0 where allowed, -inf not."""
+    weight = prior.text_embedding.weight
+    return {
+        pattern: torch.zeros(
+            prior.mask(pattern).shape, device=weight.device, dtype=weight.dtype
+        ).masked_fill_(~prior.mask(pattern), float("-inf"))
+        for pattern in set(prior.patterns)
+    }
+
+
+def prefill(prior: PriorTransformer, cache: KVCache, text: Tensor) -> Tensor:
+    """Run the text (B, T) and the start-of-image slot with the prior's own forward, writing
+    each layer's keys and values into `cache`; logits of code 0: (B, image_vocab).
+
+    Rows with the same text (the k candidates of one caption in best-of-k, the blank rows of
+    guidance) share one forward: the prompt runs once per distinct row and its keys, values
+    and logits are copied to every row that has it."""
+    H, E = prior.config.heads, prior.config.dim // prior.config.heads
+    unique, rows = torch.unique(text, dim=0, return_inverse=True)
+    if unique.shape[0] == text.shape[0]:  # nothing shared: keep the rows' own order
+        unique, rows = text, None
+
+    def keep(layer: int):
+        def hook(module, inputs, qkv: Tensor) -> None:  # qkv (U, t, 3 * D)
+            U, t, _ = qkv.shape
+            keys_values = qkv.view(U, t, 3, H, E)[:, :, 1:].permute(2, 0, 3, 1, 4)
+            if rows is not None:
+                keys_values = keys_values.index_select(1, rows)
+            cache.keys_values[layer, :, :, :, :t] = keys_values  # (2, B, H, t, E)
+
+        return hook
+
+    handles = [
+        block.attention.qkv.register_forward_hook(keep(layer))
+        for layer, block in enumerate(prior.blocks)
+    ]
+    try:
+        soi = torch.full_like(unique[:, :1], prior.start_of_image)
+        h = prior.hidden(torch.cat([prior.embed_text(unique), prior.embed_image(soi, 0)], 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    cache.length = h.shape[1]
+    logits = in_fp32(prior.to_image_logits, h[:, -1])
+    return logits if rows is None else logits.index_select(0, rows)
 
 
 class KVDecoder:
     """Cached decoding of `batch` rows with `prior` (its weights as they are now)."""
 
-    def __init__(self, prior: PriorTransformer, batch: int, cache: KVCache | None = None):
+    def __init__(self, prior: PriorTransformer, batch: int):
         self.prior, self.config = prior, prior.config
         weight = prior.text_embedding.weight
-        self.cache = cache or KVCache(prior.config, batch, weight.device, weight.dtype)
+        self.cache = KVCache(prior.config, batch, weight.device, weight.dtype)
         self.positions = prior.image_positions()  # (N, D) row + column embeddings
         self.linears = [  # per block: qkv, attention output, MLP in (+ GELU), MLP out
             (
@@ -66,49 +109,12 @@ class KVDecoder:
             for block in prior.blocks
         ]
         self.image_head = PackedLinear(prior.to_image_logits, batch)
-        # each pattern's mask as an additive (S, S) bias: 0 where allowed, -inf elsewhere
-        self.bias = {
-            pattern: torch.zeros(
-                prior.mask(pattern).shape, device=weight.device, dtype=weight.dtype
-            ).masked_fill_(~prior.mask(pattern), float("-inf"))
-            for pattern in set(prior.patterns)
-        }
+        self.bias = additive_masks(prior)  # pattern -> (S, S): 0 allowed, -inf not
 
     def prefill(self, text: Tensor) -> Tensor:
         """Run the text (B, T) and the start-of-image slot; logits of code 0: (B, image_vocab).
-
-        Rows with the same text (the k candidates of one caption in best-of-k, the blank rows
-        of guidance) share one forward: the prompt runs once per distinct row and its keys,
-        values and logits are copied to every row that has it."""
-        prior, cache = self.prior, self.cache
-        H, E = self.config.heads, self.config.dim // self.config.heads
-        unique, rows = torch.unique(text, dim=0, return_inverse=True)
-        if unique.shape[0] == text.shape[0]:  # nothing shared: keep the rows' own order
-            unique, rows = text, None
-
-        def keep(layer: int):
-            def hook(module, inputs, qkv: Tensor) -> None:  # qkv (U, t, 3 * D)
-                U, t, _ = qkv.shape
-                keys_values = qkv.view(U, t, 3, H, E)[:, :, 1:].permute(2, 0, 3, 1, 4)
-                if rows is not None:
-                    keys_values = keys_values.index_select(1, rows)
-                cache.keys_values[layer, :, :, :, :t] = keys_values  # (2, B, H, t, E)
-
-            return hook
-
-        handles = [
-            block.attention.qkv.register_forward_hook(keep(layer))
-            for layer, block in enumerate(prior.blocks)
-        ]
-        try:
-            soi = torch.full_like(unique[:, :1], prior.start_of_image)
-            h = prior.hidden(torch.cat([prior.embed_text(unique), prior.embed_image(soi, 0)], 1))
-        finally:
-            for handle in handles:
-                handle.remove()
-        cache.length = h.shape[1]
-        logits = in_fp32(prior.to_image_logits, h[:, -1])
-        return logits if rows is None else logits.index_select(0, rows)
+        Rows with the same text share one forward (`prefill`)."""
+        return prefill(self.prior, self.cache, text)
 
     def step(self, code: Tensor) -> Tensor:
         """Feed code p - 1 (B,) into image slot p; logits of code p: (B, image_vocab)."""

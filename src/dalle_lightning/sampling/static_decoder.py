@@ -4,7 +4,7 @@ as a tensor, attention over the whole cache under the mask's row), which
 `torch.compile(mode="reduce-overhead")` captures once and replays for every slot.
 
 `StaticDecoder(prior, batch)` is built once and reused for every batch of that size (its
-cache is rewritten by each prompt); `prefill(text)` is `KVDecoder.prefill` into its buffers,
+cache is rewritten by each prompt); `prefill(text)` is the KV decoder's prefill into its buffers,
 `step(code, slot)` one slot. On CPU the step is slower than `KVDecoder.step` (which reads
 only the filled part of the cache and uses prepacked weights: docs/speed.md); it is the GPU
 path, run by `python -m dalle_lightning.gpu_check`. `tests/test_static_decoder.py` checks it
@@ -21,27 +21,24 @@ from torch import Tensor, nn
 
 from dalle_lightning.models.fp32 import in_fp32
 from dalle_lightning.models.transformer import PriorTransformer
-from dalle_lightning.sampling.kv_decoder import KVCache, KVDecoder
+from dalle_lightning.sampling.kv_decoder import KVCache, additive_masks, prefill
 
 
 class StaticDecoder(nn.Module):
     def __init__(self, prior: PriorTransformer, batch: int):
         super().__init__()
         c, weight = prior.config, prior.text_embedding.weight
-        self.prior, self.batch = prior, batch
-        head_dim = c.dim // c.heads
-        shape = (c.depth, 2, batch, c.heads, c.seq_len, head_dim)
-        self.register_buffer(
-            "keys_values", torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        )
+        self.prior = prior
+        # the KV decoder's cache, its buffer registered here so that CUDA graphs see a
+        # static address; `prefill` writes it, `step` one slot of it
+        self.cache = KVCache(c, batch, weight.device, weight.dtype)
+        self.register_buffer("keys_values", self.cache.keys_values)
         # slot positions (S, D): zeros over the text, row + column embeddings over the image
         with torch.no_grad():
             positions = F.pad(prior.image_positions(), (0, 0, c.text_seq_len, 0))
         self.register_buffer("positions", positions)
-        for pattern in set(prior.patterns):  # additive (S, S) masks: 0 allowed, -inf not
-            mask = prior.mask(pattern)
-            bias = torch.zeros(mask.shape, device=weight.device, dtype=weight.dtype)
-            self.register_buffer(f"bias_{pattern}", bias.masked_fill_(~mask, float("-inf")))
+        for pattern, bias in additive_masks(prior).items():
+            self.register_buffer(f"bias_{pattern}", bias)
 
         self.step_fn = self.step  # what sampling calls: `compile()` swaps in the compiled one
 
@@ -51,9 +48,8 @@ class StaticDecoder(nn.Module):
         return self
 
     def prefill(self, text: Tensor) -> Tensor:
-        """`KVDecoder.prefill` writing into this decoder's cache: logits of code 0 (B, V)."""
-        cache = KVCache(self.prior.config, self.batch, storage=self.keys_values)
-        return KVDecoder(self.prior, self.batch, cache).prefill(text)
+        """The KV decoder's prefill into this decoder's cache: logits of code 0 (B, V)."""
+        return prefill(self.prior, self.cache, text)
 
     def step(self, code: Tensor, slot: Tensor) -> Tensor:
         """Feed code (B,) into `slot` (a 0-d long tensor: T + image position); logits of the
