@@ -124,7 +124,8 @@ def sample_codes(
     `sampling.jacobi_window` > 1: speculative Jacobi decoding with windows of that many codes
     (the same distribution, other draws; `speculative_jacobi.py`).
     `static`: decode with this `StaticDecoder` (built for these rows; compiled or not), the
-    GPU path, instead of a new `KVDecoder`.
+    GPU path, instead of a new `KVDecoder`; it decodes one code per forward (Jacobi windows
+    need the KV decoder's `window`, so `jacobi_window` is not used with it).
     """
     B, N = text.shape[0], prior.config.image_seq_len
     if sampling.guided:
