@@ -15,6 +15,7 @@ val or test: the compositional generalisation probe.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -217,6 +218,55 @@ class ShapesDataset(Dataset):
             a + rng.uniform(-JITTER, JITTER) if a is not None else rng.uniform(0.3, 0.7)
             for a in anchor
         )
+
+
+_DESC = r"(?:(?P<size{i}>{sizes}) )?(?P<colour{i}>{colours}) (?P<shape{i}>{shapes})"
+
+
+def _desc(i: int) -> str:
+    alt = "|".join
+    return _DESC.format(i=i, sizes=alt(SIZES), colours=alt(COLOURS), shapes=alt(SHAPES))
+
+
+_WHERE = "(?P<where>" + "|".join(POSITION_PHRASES.values()) + ")"
+_RELATION = "(?P<relation>" + "|".join(phrase for phrase, _, _ in RELATIONS.values()) + ")"
+CAPTION_PATTERNS = [  # the renderer's templates, in `ShapesDataset.render`'s order
+    re.compile(f"(?:there is )?a {_desc(0)} {_RELATION} a {_desc(1)}"),
+    re.compile(f"a {_desc(0)} {_WHERE}"),
+    re.compile(f"{_WHERE} there is a {_desc(0)}"),
+    re.compile(f"a picture of a {_desc(0)} {_WHERE}"),
+]
+
+
+def parse_caption(caption: str) -> dict | None:
+    """The attribute record of a caption in the renderer's grammar ("a small red circle on the
+    left", "a blue square above a green triangle"), as `render` makes it without the boxes; None
+    for any other text. Case, surrounding spaces and a final full stop are ignored."""
+    text = " ".join(caption.lower().split()).rstrip(".").strip()
+    for pattern in CAPTION_PATTERNS:
+        match = pattern.fullmatch(text)
+        if match is None:
+            continue
+        found = match.groupdict()
+        n_objects = 2 if found.get("relation") else 1
+        objects = [
+            {
+                "colour": found[f"colour{i}"],
+                "shape": found[f"shape{i}"],
+                "size": found[f"size{i}"],
+                "position": None,
+            }
+            for i in range(n_objects)
+        ]
+        if n_objects == 2:
+            if objects[0]["colour"] == objects[1]["colour"]:
+                return None  # the checker tells objects apart by colour
+            phrases = {phrase: name for name, (phrase, _, _) in RELATIONS.items()}
+            return {"objects": objects, "relation": phrases[found["relation"]]}
+        positions = {phrase: name for name, phrase in POSITION_PHRASES.items()}
+        objects[0]["position"] = positions[found["where"]]
+        return {"objects": objects, "relation": None}
+    return None
 
 
 class ShapesDataModule(ImageTextDataModule):

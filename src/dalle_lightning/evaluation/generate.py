@@ -15,7 +15,7 @@ from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.sampling.sampler import SamplingConfig
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
 
 
@@ -35,7 +35,7 @@ def generate_grids(
         images = model.generate(
             [prompt], num_images, seed=seed + i, sampling=sampling, batch_size=batch_size
         )
-        path = out_dir / f"{i:03d}_{_slug(prompt)}.png"
+        path = out_dir / f"{i:03d}_{slug(prompt)}.png"
         save_image(make_grid(images, nrow=min(num_images, 8), padding=2, pad_value=0.5), path)
         files.append({"prompt": prompt, "png": str(path)})
         print(path, flush=True)

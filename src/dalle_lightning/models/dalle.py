@@ -7,7 +7,7 @@ sampling settings it was trained for), with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -73,11 +73,21 @@ class DALLE(nn.Module):
         seed: int = 0,
         sampling: SamplingConfig = SamplingConfig(),
         batch_size: int = 64,
+        progress: Callable[[float], None] | None = None,
     ) -> Tensor:
         """(len(captions) * num_images, C, H, W) in [0, 1]; `sampling` defaults to the plain
-        sampler (pass `model.sampling` for the settings it was trained for)."""
+        sampler (pass `model.sampling` for the settings it was trained for); `progress`
+        (fraction of codes drawn) as in `generate_images`."""
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer yet: it is trained on the captions at fit start")
         return generate_images(
-            self.prior, self.dvae, self.tokenizer, captions, num_images, sampling, seed, batch_size
+            self.prior,
+            self.dvae,
+            self.tokenizer,
+            captions,
+            num_images,
+            sampling,
+            seed,
+            batch_size,
+            progress,
         )

@@ -12,7 +12,7 @@ Shape legend: B captions x images per caption, T text_seq_len, N = h * w image t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -116,6 +116,7 @@ def sample_codes(
     use_cache: bool = True,
     keep_logits: bool = False,
     static: StaticDecoder | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Samples:
     """Sample N image codes for each row of text ids (B, T).
 
@@ -126,6 +127,8 @@ def sample_codes(
     `static`: decode with this `StaticDecoder` (built for these rows; compiled or not), the
     GPU path, instead of a new `KVDecoder`; it decodes one code per forward (Jacobi windows
     need the KV decoder's `window`, so `jacobi_window` is not used with it).
+    `progress(done, N)`: called as codes are drawn (after each code; under Jacobi decoding
+    once, at the end).
     """
     B, N = text.shape[0], prior.config.image_seq_len
     if sampling.guided:
@@ -157,6 +160,8 @@ def sample_codes(
             generator,
             keep_logits,
         )
+        if progress is not None:
+            progress(N, N)
         return Samples(out.codes, out.logits, out.forwards)
     codes = torch.zeros(text.shape[0], N, dtype=torch.long, device=text.device)
     kept = []
@@ -177,6 +182,8 @@ def sample_codes(
             kept.append(logits)
         sampled = gumbel_max(target(logits), generator)
         codes[:, p] = sampled.repeat(2) if sampling.guided else sampled
+        if progress is not None:
+            progress(p + 1, N)
     return Samples(codes[:B], torch.stack(kept, 1) if keep_logits else None, N - 1)
 
 
@@ -196,18 +203,26 @@ def generate_images(
     sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
     batch_size: int = 64,
+    progress: Callable[[float], None] | None = None,
 ) -> Tensor:
     """(len(captions) * num_images, C, H, W) in [0, 1]: caption i's images are rows
-    i * num_images ... (i + 1) * num_images - 1."""
+    i * num_images ... (i + 1) * num_images - 1. `progress(fraction)`: called as codes are
+    drawn, with the share of all codes drawn so far (0 < fraction <= 1)."""
     require_int("num_images", num_images, 1)
     require_int("batch_size", batch_size, 1)
     device = prior.text_embedding.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     repeated = [c for c in captions for _ in range(num_images)]
     images = []
-    for start in range(0, len(repeated), batch_size):
+    starts = range(0, len(repeated), batch_size)
+    for batch, start in enumerate(starts):
         text = tokenizer.encode(repeated[start : start + batch_size]).to(device)
-        codes = sample_codes(prior, text, sampling, generator).codes
+
+        def step(done: int, total: int, batch: int = batch) -> None:
+            progress((batch + done / total) / len(starts))
+
+        on_step = step if progress is not None else None
+        codes = sample_codes(prior, text, sampling, generator, progress=on_step).codes
         side = dvae.grid_size
         images.append(dvae.decode(codes.view(-1, side, side)).float().cpu())
     return torch.cat(images)
