@@ -254,3 +254,35 @@ def test_bad_inputs_and_twenty_users_at_once_all_get_answers(server):
     # still serving
     gallery, *_ = client.predict("a green triangle", *GOOD.values(), api_name="/generate")
     assert len(gallery) == GOOD["candidates"]
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("server.port=-1", "server.port"),
+        ("server.port=70000", "server.port"),
+        ("server.max_concurrency=0", "server.max_concurrency"),
+        ("server.share=maybe", "server.share"),
+        ("limits.max_candidates=0", "limits.max_candidates"),
+        ("attribute_check=1", "attribute_check"),
+        ("sampling.temperature=0", "sampling.temperature"),
+    ],
+)
+def test_bad_demo_config_fails_before_any_work(make_cfg, tmp_path, override, field):
+    from dalle_lightning.config import ConfigError
+    from dalle_lightning.demo.page import serve
+
+    cfg = make_cfg([override], config_name="demo")
+    with pytest.raises(ConfigError) as err:
+        serve(cfg, block=False)
+    assert err.value.field == field
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("metrics.json"))
+
+
+def test_demo_without_a_prior_says_how_to_get_one(tmp_path):
+    from tests.conftest import run_script
+
+    result = run_script("demo.py", f"paths.log_dir={tmp_path}", timeout=120)
+    assert result.returncode == 2
+    assert "ckpt_path=None is invalid: a stage-2 checkpoint" in result.stderr
+    assert "python train.py model=dalle" in result.stderr

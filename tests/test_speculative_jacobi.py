@@ -131,3 +131,17 @@ def test_jacobi_samples_the_same_distribution_as_one_code_per_step(sampling):
     assert tv(jacobi, exact) < 0.04 and forwards < 2.0
     jacobi, forwards = sampled_distribution(model, text, sampling, 3, 10_000, 50, 3)
     assert tv(jacobi, exact) < 0.025 and forwards <= 3
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_progress_reports_every_code_and_changes_no_draw(window):
+    model, (text, _) = tiny().eval(), inputs(2)
+    sampling = SamplingConfig(jacobi_window=window)
+    seen: list[tuple[int, int]] = []
+    with_progress = sample_codes(
+        model, text, sampling, torch.Generator().manual_seed(3), progress=lambda *a: seen.append(a)
+    ).codes
+    plain = sample_codes(model, text, sampling, torch.Generator().manual_seed(3)).codes
+    assert torch.equal(with_progress, plain)
+    n = GRID * GRID
+    assert seen == ([(p, n) for p in range(1, n + 1)] if window == 0 else [(n, n)])
