@@ -17,14 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from dalle_lightning.checkpoints import export_dvae
 from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset, parse_caption
 from dalle_lightning.demo.request import DemoInputError, DemoLimits, check_request
 from dalle_lightning.evaluate import evaluate
+from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.sampling.sampler import SamplingConfig
 from dalle_lightning.train import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_config, run_script
 from tests.test_clip import CLIP_RUN
 from tests.test_dalle_train import DATA, NET
 
@@ -94,14 +97,7 @@ def test_good_request_maps_off_values_and_keeps_the_checkpoint_window():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A prior (on a random dVAE) and a CLIP, each trained a few steps on 32 px shapes."""
-    from tests.conftest import compose_config
-
     root = tmp_path_factory.mktemp("demo_models")
-    import torch
-
-    from dalle_lightning.checkpoints import export_dvae
-    from dalle_lightning.models.dvae import DVAE, DVAEConfig
-
     torch.manual_seed(0)
     dvae = root / "dvae.pt"
     torch.save(export_dvae(DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))), dvae)
@@ -280,8 +276,6 @@ def test_bad_demo_config_fails_before_any_work(make_cfg, tmp_path, override, fie
 
 
 def test_demo_without_a_prior_says_how_to_get_one(tmp_path):
-    from tests.conftest import run_script
-
     result = run_script("demo.py", f"paths.log_dir={tmp_path}", timeout=120)
     assert result.returncode == 2
     assert "ckpt_path=None is invalid: a stage-2 checkpoint" in result.stderr

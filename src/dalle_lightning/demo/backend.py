@@ -51,10 +51,9 @@ def to_uint8(image: Tensor) -> Tensor:
     return image.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8)
 
 
-def verdict(image: Tensor, caption: str) -> str:
-    """The shapes attribute checker on `image` against `caption`'s record; "" when the caption
-    is not in the shapes grammar."""
-    record = parse_caption(caption)
+def verdict(image: Tensor, record: dict | None) -> str:
+    """The shapes attribute checker on `image` against a caption's record (`parse_caption`);
+    "" without one (a caption outside the shapes grammar)."""
     if record is None:
         return ""
     result = check_attributes(image, record)
@@ -128,10 +127,11 @@ class DemoBackend:
             "checkpoint": self.ckpt_path,
             "reranker": self.reranker.describe(),
         }
+        record = parse_caption(request.caption) if self.attribute_check else None
         candidates = []
         for rank, index in enumerate(order, start=1):
             image = images[index]
-            said = verdict(image, request.caption) if self.attribute_check else ""
+            said = verdict(image, record)
             score = round(scores[index].item(), 4)
             info = PngInfo()
             meta = {

@@ -23,8 +23,6 @@ from dalle_lightning.sampling.sampler import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = 4  # gallery, ranking table, files, status
-
 
 def import_gradio():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before the import reads it
@@ -55,7 +53,11 @@ def build_page(backend: DemoBackend, limits: DemoLimits, defaults: SamplingConfi
     gr = import_gradio()
     guidance_trained = backend.model.caption_dropout > 0
 
-    def run(caption, candidates, temperature, top_k, top_p, cond_scale, seed, progress=None):
+    progress_bar = gr.Progress()  # Gradio injects its progress bar through this default
+
+    def generate(
+        caption, candidates, temperature, top_k, top_p, cond_scale, seed, progress=progress_bar
+    ):
         try:
             request = check_request(
                 caption,
@@ -72,11 +74,9 @@ def build_page(backend: DemoBackend, limits: DemoLimits, defaults: SamplingConfi
         except DemoInputError as err:
             backend.rejected(str(err))
             return [], "", [], f"**Not generated.** {err}"
-        report = None
-        if progress is not None:
 
-            def report(fraction: float) -> None:
-                progress(fraction, desc="drawing image codes")
+        def report(fraction: float) -> None:
+            progress(fraction, desc="drawing image codes")
 
         chosen = backend.generate(request, report)
         gallery = [(str(c.png), f"#{c.rank} score {c.score:.3f}") for c in chosen]
@@ -86,13 +86,6 @@ def build_page(backend: DemoBackend, limits: DemoLimits, defaults: SamplingConfi
             f"(reranker: {backend.reranker.describe().get('name', 'CLIP')})."
         )
         return gallery, ranking_table(chosen), files, status
-
-    progress_bar = gr.Progress()  # Gradio injects its progress bar through this default
-
-    def generate(
-        caption, candidates, temperature, top_k, top_p, cond_scale, seed, progress=progress_bar
-    ):
-        return run(caption, candidates, temperature, top_k, top_p, cond_scale, seed, progress)
 
     top_k = defaults.top_k or 0
     top_p = defaults.top_p if defaults.top_p is not None else 1.0

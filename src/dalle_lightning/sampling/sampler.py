@@ -217,11 +217,12 @@ def generate_images(
     starts = range(0, len(repeated), batch_size)
     for batch, start in enumerate(starts):
         text = tokenizer.encode(repeated[start : start + batch_size]).to(device)
+        on_step = None
+        if progress is not None:
 
-        def step(done: int, total: int, batch: int = batch) -> None:
-            progress((batch + done / total) / len(starts))
+            def on_step(done: int, total: int, batch: int = batch) -> None:
+                progress((batch + done / total) / len(starts))
 
-        on_step = step if progress is not None else None
         codes = sample_codes(prior, text, sampling, generator, progress=on_step).codes
         side = dvae.grid_size
         images.append(dvae.decode(codes.view(-1, side, side)).float().cpu())
