@@ -9,7 +9,14 @@ import torch
 
 from dalle_lightning.checkpoints import export_dvae
 from dalle_lightning.config import ConfigError
-from dalle_lightning.models.dvae import DVAE, DVAEConfig, DVAEOutput, gumbel_softmax
+from dalle_lightning.models.dvae import (
+    DVAE,
+    DVAEConfig,
+    DVAEOutput,
+    ResBlock,
+    gumbel_softmax,
+    upsample2x,
+)
 from dalle_lightning.models.image_tokenizer import ImageTokenizer
 
 SMALL = DVAEConfig(
@@ -77,6 +84,29 @@ def test_state_dict_keys_follow_the_official_layout():
     assert sd["encoder.blocks.group_2.block_1.res_path.conv_4.weight"].shape == (16, 4, 1, 1)
     assert sd["decoder.blocks.group_1.block_1.res_path.conv_1.weight"].shape == (4, 4, 1, 1)
     assert sd["decoder.blocks.group_1.block_1.res_path.conv_2.weight"].shape == (4, 4, 3, 3)
+
+
+@pytest.mark.parametrize("n_in", [32, 16])  # a 1x1 conv id path, and the identity
+def test_upsampling_block_is_the_block_after_upsampling(n_in):
+    """A decoder block with `upsample_input` runs its 1x1 parts before upsampling: the same
+    outputs (bitwise) and parameter gradients (to rounding) as upsampling first, as the official
+    decoder does."""
+    torch.manual_seed(0)
+    block = ResBlock(n_in, 16, 6, (1, 3, 3, 3), upsample_input=True)
+    for p in block.parameters():  # non-zero biases, so they are checked too
+        torch.nn.init.normal_(p, std=0.3)
+    plain = ResBlock(n_in, 16, 6, (1, 3, 3, 3))
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(2, n_in, 5, 7)
+    out, ref = block(x), plain(upsample2x(x))
+    assert out.shape == (2, 16, 10, 14) and torch.equal(out, ref)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), list(block.parameters()))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), list(plain.parameters()))
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="1x1 first kernel"):
+        ResBlock(16, 16, 6, (3, 3, 3, 1), upsample_input=True)
 
 
 def test_init_is_normal_with_std_one_over_sqrt_fan_in():

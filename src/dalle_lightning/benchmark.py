@@ -32,6 +32,7 @@ from dataclasses import replace
 
 import torch
 
+from dalle_lightning.allocator import keep_freed_memory
 from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--malloc",
+        default="keep",
+        choices=("keep", "default"),
+        help="keep: glibc keeps freed memory, as train.py / evaluate.py set it (allocator.py)",
+    )
     p.add_argument("--jacobi-window", type=int, default=0, help="generate: codes per forward")
     p.add_argument("--ckpt", default=None, help="generate: a trained stage-2 checkpoint")
     p.add_argument("--warmup", type=int, default=2)
@@ -143,6 +150,8 @@ def generate_speed(args: argparse.Namespace, prior, dvae, text, t: Callable) -> 
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.malloc == "keep":
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     prior, dvae = build(args)

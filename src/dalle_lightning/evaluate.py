@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dalle_lightning.allocator import keep_freed_memory
 from dalle_lightning.checkpoints import read_checkpoint, require_file
 from dalle_lightning.config import require, require_choice, require_int, typed
 from dalle_lightning.data.shapes import ShapesDataModule
@@ -49,6 +50,7 @@ SPLITS = ("train", "val", "test", "heldout")
 
 def evaluate(cfg: DictConfig) -> dict:
     started = time.time()
+    keep_freed_memory()  # CPU generation reuses freed memory (allocator.py)
     require_choice("task", cfg.task, TASKS)
     check_run(cfg)  # seed, trust_checkpoint
     task = {

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
+from dalle_lightning.allocator import keep_freed_memory
 from dalle_lightning.instantiate import (
     build,
     build_all,
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> tuple[float | None, dict]:
     """Fit and test the configured module; returns (value of cfg.optimized_metric, summary)."""
     started = time.time()
+    keep_freed_memory()  # CPU steps reuse freed memory (allocator.py)
     check_run(cfg)
     check_trainer(cfg)
     ckpt_path, resumed_step = resume_checkpoint(cfg)

@@ -119,12 +119,30 @@ class ResBlock(nn.Module):
 
     The encoder's residual path uses kernels (3, 3, 3, 1), the decoder's (1, 3, 3, 3).
     post_gain = 1 / n_layers**2 keeps the sum of residuals near identity at init.
+
+    `upsample_input` (the first block of every decoder group but the first) computes
+    block(upsample(x)), with upsample the official decoder's 2x nearest-neighbour upsampling at
+    the end of the group before. Nearest upsampling commutes with ReLU and with 1x1
+    convolutions, so the id path and the residual path's ReLU + 1x1 conv run on the input's
+    pixels, a quarter of the output's, and their results are upsampled: the same function
+    (outputs bitwise equal; tests/test_dvae.py), a ~1.4x faster dVAE training step on CPU
+    (docs/speed.md).
     """
 
-    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_layers: int,
+        kernels: tuple[int, int, int, int],
+        upsample_input: bool = False,
+    ):
         super().__init__()
+        if upsample_input and kernels[0] != 1:
+            raise ValueError(f"upsample_input needs a 1x1 first kernel, not {kernels}")
         n_hid = n_out // 4
         self.post_gain = 1 / n_layers**2
+        self.upsample_input = upsample_input
         self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
         widths = [n_in, n_hid, n_hid, n_hid, n_out]
         layers = OrderedDict()
@@ -134,24 +152,49 @@ class ResBlock(nn.Module):
         self.res_path = nn.Sequential(layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+        if not self.upsample_input:
+            return self.id_path(x) + self.post_gain * self.res_path(x)
+        identity = upsample2x(self.id_path(x))
+        h = upsample2x(self.res_path[:2](x))  # relu_1, conv_1 (1x1) at the input's resolution
+        return identity + self.post_gain * self.res_path[2:](h)
+
+
+def upsample2x(x: Tensor) -> Tensor:
+    """Nearest-neighbour 2x upsampling, the official decoder's `nn.Upsample(scale_factor=2)`."""
+    return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 class ResBlockGroup(nn.Sequential):
-    """One resolution of the encoder or decoder: its resblocks, then the pooling/upsampling.
+    """One resolution of the encoder or decoder: its resblocks, then the encoder's pooling (a
+    decoder group's first block upsamples its input instead: `ResBlock.upsample_input`).
     Its own class so that FSDP can wrap and checkpoint it as a unit (conf/trainer/fsdp.yaml)."""
 
 
 def _group(
-    n_in: int, n_out: int, cfg: DVAEConfig, kernels: tuple, resample: nn.Module | None
+    n_in: int,
+    n_out: int,
+    cfg: DVAEConfig,
+    kernels: tuple,
+    pool: bool = False,
+    upsample_input: bool = False,
 ) -> ResBlockGroup:
-    """`n_blk_per_group` resblocks (the first one changes the width), then the resampling."""
-    layers = OrderedDict(
-        (f"block_{i + 1}", ResBlock(n_in if i == 0 else n_out, n_out, cfg.n_layers, kernels))
+    """`n_blk_per_group` resblocks (the first one changes the width and may upsample its
+    input), then the encoder's 2x max pooling if `pool`."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        (
+            f"block_{i + 1}",
+            ResBlock(
+                n_in if i == 0 else n_out,
+                n_out,
+                cfg.n_layers,
+                kernels,
+                upsample_input=upsample_input and i == 0,
+            ),
+        )
         for i in range(cfg.n_blk_per_group)
     )
-    if resample is not None:
-        layers["pool" if isinstance(resample, nn.MaxPool2d) else "upsample"] = resample
+    if pool:
+        layers["pool"] = nn.MaxPool2d(2)
     return ResBlockGroup(layers)
 
 
@@ -165,8 +208,7 @@ class Encoder(nn.Module):
         n_in = n
         for g in range(G):
             n_out = 2**g * n  # widths 1, 2, 4, 8 x n_hid
-            pool = nn.MaxPool2d(2) if g < G - 1 else None
-            layers[f"group_{g + 1}"] = _group(n_in, n_out, cfg, (3, 3, 3, 1), pool)
+            layers[f"group_{g + 1}"] = _group(n_in, n_out, cfg, (3, 3, 3, 1), pool=g < G - 1)
             n_in = n_out
         layers["output"] = nn.Sequential(
             OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, cfg.vocab_size, 1))
@@ -187,8 +229,8 @@ class Decoder(nn.Module):
         n_in = cfg.n_init
         for g in range(G):
             n_out = 2 ** (G - 1 - g) * n  # widths 8, 4, 2, 1 x n_hid
-            upsample = nn.Upsample(scale_factor=2, mode="nearest") if g < G - 1 else None
-            layers[f"group_{g + 1}"] = _group(n_in, n_out, cfg, (1, 3, 3, 3), upsample)
+            # groups 2..G start at twice the resolution of the one before (ResBlock docstring)
+            layers[f"group_{g + 1}"] = _group(n_in, n_out, cfg, (1, 3, 3, 3), upsample_input=g > 0)
             n_in = n_out
         layers["output"] = nn.Sequential(
             OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, 2 * cfg.input_channels, 1))
