@@ -105,3 +105,21 @@ def test_two_evaluations_of_one_pool_split_its_chunks(tmp_path):
         for x, y in zip(a, b, strict=True):
             assert x.read_bytes() == y.read_bytes()
     assert not list(folder.glob(".*.partial"))
+
+
+def test_processes_writing_one_file_at_once_each_replace_it_whole(tmp_path):
+    """The ranks of a DDP run once raced on one temporary file (FileNotFoundError in the rename
+    of the rank that came second); each process now writes its own and replaces the target."""
+    target = tmp_path / "metrics.json"
+    barrier = mp.get_context("spawn").Barrier(2)
+    mp.spawn(_write_many, args=(str(target), barrier), nprocs=2, join=True)  # raises on failure
+    assert json.loads(target.read_text())["i"] == 999  # whole: the last write of one rank
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def _write_many(rank: int, target: str, barrier) -> None:
+    from dalle_lightning.runs import write_text_atomic
+
+    barrier.wait()  # both ranks write at the same time
+    for i in range(1000):
+        write_text_atomic(Path(target), json.dumps({"rank": rank, "i": i, "pad": "x" * 65536}))

@@ -208,9 +208,10 @@ def write_metrics(path: Path, summary: dict) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """`text` to `path` through a temporary file and a rename: a full disk or a kill leaves
-    the previous file (or none), never half a file."""
+    the previous file (or none), never half a file. The temporary file is the process's own,
+    so processes writing one path at once (the ranks of a DDP run) each replace it whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         partial.write_text(text)
         partial.replace(path)

@@ -83,8 +83,9 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
         summary["inputs"] = inputs  # the artefacts the stage was built from (the dVAE)
     if ckpt_path:
         summary["resumed_from"] = {"checkpoint": ckpt_path, "step": resumed_step}
-    write_metrics(output_dir / "metrics.json", summary)
-    log.info("metrics: %s", output_dir / "metrics.json")
+    if trainer.is_global_zero:  # one file per run: rank 0's (the ranks share the run dir)
+        write_metrics(output_dir / "metrics.json", summary)
+        log.info("metrics: %s", output_dir / "metrics.json")
     metric_name, value = summary["optimized_metric"]["name"], summary["optimized_metric"]["value"]
     if metric_name and value is None:
         log.warning(
