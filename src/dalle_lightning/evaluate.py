@@ -50,7 +50,7 @@ SPLITS = ("train", "val", "test", "heldout")
 
 def evaluate(cfg: DictConfig) -> dict:
     started = time.time()
-    keep_freed_memory()  # CPU generation reuses freed memory (allocator.py)
+    keep_freed_memory()  # as train.py does (allocator.py); generation speed is unchanged by it
     require_choice("task", cfg.task, TASKS)
     check_run(cfg)  # seed, trust_checkpoint
     task = {
