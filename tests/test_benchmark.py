@@ -81,3 +81,16 @@ def test_generate_samples_a_trained_checkpoint_with_its_own_settings(capsys):
     main([*TINY, "--only", "generate", "--ckpt", str(legacy), "--jacobi-window", "2"])
     generate = json.loads(capsys.readouterr().out)["generate"]
     assert generate["images_per_s"] > 0 and 1.0 <= generate["codes_per_forward"] <= 2.0
+
+
+def test_generate_with_the_static_decoder_and_its_errors(capsys):
+    """--decoder static: the static-shape step (built for guidance's doubled rows when the
+    checkpoint's sampling is guided); Jacobi windows need the KV decoder."""
+    legacy = ROOT / "tests" / "fixtures" / "legacy" / "dalle_main_d5d9626.ckpt"
+    main([*TINY, "--only", "generate", "--ckpt", str(legacy), "--decoder", "static"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["generate"]["codes_per_forward"] == 1.0
+    assert result["config"]["decoder"] == "static"
+    with pytest.raises(SystemExit):
+        main([*TINY, "--only", "generate", "--decoder", "static", "--jacobi-window", "4"])
+    assert "--jacobi-window needs --decoder kv" in capsys.readouterr().err

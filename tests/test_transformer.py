@@ -141,8 +141,8 @@ def test_rows_with_the_same_text_share_one_prefill():
     torch.testing.assert_close(logits, expected.repeat_interleave(3, 0), atol=1e-6, rtol=0)
     filled = own.cache.length
     torch.testing.assert_close(
-        shared.cache.keys_values[..., :filled, :],
-        own.cache.keys_values[..., :filled, :].repeat_interleave(3, 2),
+        torch.stack(shared.cache.layers)[..., :filled, :],
+        torch.stack(own.cache.layers)[..., :filled, :].repeat_interleave(3, 2),
         atol=1e-6,
         rtol=0,
     )

@@ -9,7 +9,8 @@ generate     sampling a full image per caption with the KV cache, plus dVAE deco
              seconds_per_batch, images_per_s (complete decoded images per second) and
              codes_per_forward (> 1 with --jacobi-window W: speculative Jacobi decoding);
              --ckpt PATH samples a trained stage-2 checkpoint instead (its prior, dVAE and
-             sampling settings, shapes validation captions)
+             sampling settings, shapes validation captions); --decoder static |
+             static-compiled: the static-shape step (static_decoder.py) instead
 dvae_train   one AdamW step of the dVAE (Gumbel-softmax, logit-Laplace + KL): images_per_s
 dvae_encode  argmax codes of images: images_per_s
 caption_encode  BPE ids of a batch of shapes captions (what a stage-2 training item costs):
@@ -39,6 +40,7 @@ from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.modules.losses import kl_to_uniform, logit_laplace_nll, prior_loss
 from dalle_lightning.sampling.sampler import SamplingConfig, sample_codes
+from dalle_lightning.sampling.static_decoder import StaticDecoder
 from dalle_lightning.text.tokenizer import BPETokenizer
 
 PARTS = ("prior_train", "generate", "dvae_train", "dvae_encode", "caption_encode")
@@ -65,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep: glibc keeps freed memory, as train.py / evaluate.py set it (allocator.py)",
     )
     p.add_argument("--jacobi-window", type=int, default=0, help="generate: codes per forward")
+    p.add_argument(
+        "--decoder",
+        default="kv",
+        choices=("kv", "static", "static-compiled"),
+        help="generate: the KV decoder (what generation uses), the static-shape step (the GPU "
+        "path) eager, or compiled (CUDA graphs on a GPU, Inductor's C++ on CPU)",
+    )
     p.add_argument("--ckpt", default=None, help="generate: a trained stage-2 checkpoint")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -72,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS)
     )
     args = p.parse_args(argv)
+    if args.decoder != "kv" and args.jacobi_window > 1:
+        p.error("--jacobi-window needs --decoder kv (the static step decodes one code a step)")
     unknown = set(args.only.split(",")) - set(PARTS)
     if unknown:
         p.error(
@@ -137,9 +148,14 @@ def generate_speed(args: argparse.Namespace, prior, dvae, text, t: Callable) -> 
     B, side = text.shape[0], prior.config.grid_size
     generator = torch.Generator(device=args.device).manual_seed(0)
     forwards: list[int] = []
+    static = None
+    if args.decoder != "kv":  # built once, as for a stream of batches (compiled in warm-up)
+        static = StaticDecoder(prior, B * (2 if sampling.guided else 1))
+        if args.decoder == "static-compiled":
+            static.compile("reduce-overhead" if args.device.startswith("cuda") else None)
 
     def generate() -> None:  # what `generate_images` runs for a batch
-        sampled = sample_codes(prior, text, sampling, generator)
+        sampled = sample_codes(prior, text, sampling, generator, static=static)
         forwards.append(sampled.forwards)
         with torch.inference_mode():
             dvae.decode(sampled.codes.view(B, side, side))

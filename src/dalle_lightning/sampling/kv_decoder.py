@@ -32,14 +32,15 @@ from dalle_lightning.sampling.packed_linear import PackedLinear
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: (depth, B, H, S, E) each, two views of one
-    (depth, 2, B, H, S, E) buffer so that a decoding step writes both with one copy."""
+    """Preallocated keys and values: one (2, B, H, S, E) tensor per layer (`layers[i][0]` its
+    keys, `[1]` its values), so that a decoding step writes both with one copy and a compiled
+    step updates each layer's tensor in place (views of one buffer for all layers made
+    Inductor copy the whole cache in every layer: docs/speed.md)."""
 
     def __init__(self, config: PriorConfig, batch: int, device=None, dtype=None):
         head_dim = config.dim // config.heads
-        shape = (config.depth, 2, batch, config.heads, config.seq_len, head_dim)
-        self.keys_values = torch.zeros(shape, device=device, dtype=dtype)
-        self.keys, self.values = self.keys_values.unbind(1)
+        shape = (2, batch, config.heads, config.seq_len, head_dim)
+        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.depth)]
         self.length = 0  # slots filled so far
 
 
@@ -72,7 +73,7 @@ def prefill(prior: PriorTransformer, cache: KVCache, text: Tensor) -> Tensor:
             keys_values = qkv.view(U, t, 3, H, E)[:, :, 1:].permute(2, 0, 3, 1, 4)
             if rows is not None:
                 keys_values = keys_values.index_select(1, rows)
-            cache.keys_values[layer, :, :, :, :t] = keys_values  # (2, B, H, t, E)
+            cache.layers[layer][:, :, :, :t] = keys_values  # (2, B, H, t, E)
 
         return hook
 
@@ -126,7 +127,7 @@ class KVDecoder:
         for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
             qkv = qkv_in(h).view(B, 3, H, E)
-            cache.keys_values[layer, :, :, :, start] = qkv[:, 1:].transpose(0, 1)
+            cache.layers[layer][:, :, :, start] = qkv[:, 1:].transpose(0, 1)
             out = self._attention(qkv[:, 0].reshape(B * H, 1, E), layer, pattern)
             x = x + proj(out.view(B, D))
             x = x + mlp_out(mlp_in(F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)))
@@ -150,11 +151,11 @@ class KVDecoder:
         for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
             qkv = qkv_in(h).view(B, L, 3, H, E)
-            cache.keys_values[layer, :, :, :, start:stop] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
+            cache.layers[layer][:, :, :, start:stop] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(
                 qkv[:, :, 0].transpose(1, 2),  # (B, H, L, E)
-                cache.keys[layer, :, :, :stop],
-                cache.values[layer, :, :, :stop],
+                cache.layers[layer][0, :, :, :stop],
+                cache.layers[layer][1, :, :, :stop],
                 attn_mask=self.bias[pattern][start:stop, :stop],
             )
             x = x + proj(out.transpose(1, 2).reshape(B * L, D))
@@ -169,19 +170,20 @@ class KVDecoder:
         [first_key, slot] of the cache, under one softmax."""
         c, cache = self.config, self.cache
         T, (BH, _, E), start = c.text_seq_len, q.shape, cache.length
+        keys, values = cache.layers[layer].unbind(0)  # (B, H, S, E)
         bias = self.bias[pattern][start]
         lo = T + first_key(pattern, start - T, c.grid_size, c.conv_kernel)
 
         def cached(buffer: Tensor, a: int, b: int) -> Tensor:  # slots [a, b): (B * H, b - a, E)
-            return buffer[layer, :, :, a:b].reshape(BH, b - a, E)
+            return buffer[:, :, a:b].reshape(BH, b - a, E)
 
         if lo == T:  # one product over [text | image slots so far]
-            keys = cached(cache.keys, 0, start + 1).transpose(1, 2)
-            scores = torch.baddbmm(bias[: start + 1], q, keys, alpha=E**-0.5)
-            return torch.bmm(scores.softmax(-1), cached(cache.values, 0, start + 1))
-        text_scores = torch.bmm(q, cached(cache.keys, 0, T).transpose(1, 2))
-        window_keys = cached(cache.keys, lo, start + 1).transpose(1, 2)
+            seen = cached(keys, 0, start + 1).transpose(1, 2)
+            scores = torch.baddbmm(bias[: start + 1], q, seen, alpha=E**-0.5)
+            return torch.bmm(scores.softmax(-1), cached(values, 0, start + 1))
+        text_scores = torch.bmm(q, cached(keys, 0, T).transpose(1, 2))
+        window_keys = cached(keys, lo, start + 1).transpose(1, 2)
         window_scores = torch.baddbmm(bias[lo : start + 1], q, window_keys)
         probs = torch.cat([text_scores, window_scores], -1).mul_(E**-0.5).softmax(-1)
-        text_part = torch.bmm(probs[..., :T], cached(cache.values, 0, T))
-        return torch.baddbmm(text_part, probs[..., T:], cached(cache.values, lo, start + 1))
+        text_part = torch.bmm(probs[..., :T], cached(values, 0, T))
+        return torch.baddbmm(text_part, probs[..., T:], cached(values, lo, start + 1))

@@ -5,10 +5,12 @@ as a tensor, attention over the whole cache under the mask's row), which
 
 `StaticDecoder(prior, batch)` is built once and reused for every batch of that size (its
 cache is rewritten by each prompt); `prefill(text)` is the KV decoder's prefill into its buffers,
-`step(code, slot)` one slot. On CPU the step is slower than `KVDecoder.step` (which reads
-only the filled part of the cache and uses prepacked weights: docs/speed.md); it is the GPU
-path, run by `python -m dalle_lightning.gpu_check`. `tests/test_static_decoder.py` checks it
-against `KVDecoder` (1e-5) and that it compiles into one graph for all slots.
+`step(code, slot)` one slot. On CPU the step is slower than `KVDecoder.step` eager (which
+reads only the filled part of the cache and uses prepacked weights) and about as fast compiled
+by Inductor (`python -m dalle_lightning.benchmark --decoder static-compiled`: docs/speed.md);
+it is the GPU path, run by `python -m dalle_lightning.gpu_check`.
+`tests/test_static_decoder.py` checks it against `KVDecoder` (1e-5), that it compiles into one
+graph for all slots, and that Inductor's code writes one slot of the cache per step.
 
 Shape legend: B batch, T text_seq_len, S = T + N slots, D dim, H heads, E head dim.
 """
@@ -29,10 +31,11 @@ class StaticDecoder(nn.Module):
         super().__init__()
         c, weight = prior.config, prior.text_embedding.weight
         self.prior = prior
-        # the KV decoder's cache, its buffer registered here so that CUDA graphs see a
-        # static address; `prefill` writes it, `step` one slot of it
+        # the KV decoder's cache, each layer's tensor a buffer here so that CUDA graphs see
+        # static addresses; `prefill` writes it, `step` one slot of each layer in place
         self.cache = KVCache(c, batch, weight.device, weight.dtype)
-        self.register_buffer("keys_values", self.cache.keys_values)
+        for layer, keys_values in enumerate(self.cache.layers):
+            self.register_buffer(f"keys_values_{layer}", keys_values)
         # slot positions (S, D): zeros over the text, row + column embeddings over the image
         with torch.no_grad():
             positions = F.pad(prior.image_positions(), (0, 0, c.text_seq_len, 0))
@@ -62,8 +65,11 @@ class StaticDecoder(nn.Module):
             attention = block.attention
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
             qkv = F.linear(h, attention.qkv.weight, attention.qkv.bias).view(B, 3, H, E)
-            self.keys_values[layer].index_copy_(3, at, qkv[:, 1:].transpose(0, 1)[..., None, :])
-            keys, values = self.keys_values[layer].unbind(0)  # (B, H, S, E)
+            keys_values = getattr(self, f"keys_values_{layer}")  # (2, B, H, S, E)
+            # in place on the buffer itself (on a view of one buffer for all layers, Inductor
+            # copied the whole cache in every layer: tests/test_static_decoder.py)
+            keys_values.index_copy_(3, at, qkv[:, 1:].transpose(0, 1)[..., None, :])
+            keys, values = keys_values.unbind(0)  # (B, H, S, E)
             mask = getattr(self, f"bias_{pattern}").index_select(0, at)  # (1, S)
             out = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values, attn_mask=mask)
             x = x + F.linear(out.view(B, D), attention.proj.weight, attention.proj.bias)
