@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from dalle_lightning import benchmark
 from dalle_lightning.benchmark import main
+from dalle_lightning.sampling.static_decoder import StaticDecoder
 from tests.conftest import ROOT
 
 TINY = [
@@ -83,12 +85,24 @@ def test_generate_samples_a_trained_checkpoint_with_its_own_settings(capsys):
     assert generate["images_per_s"] > 0 and 1.0 <= generate["codes_per_forward"] <= 2.0
 
 
-def test_generate_with_the_static_decoder_and_its_errors(capsys):
-    """--decoder static: the static-shape step (built for guidance's doubled rows when the
-    checkpoint's sampling is guided); Jacobi windows need the KV decoder."""
+def test_generate_with_the_static_decoder_and_its_errors(capsys, monkeypatch):
+    """--decoder static: the static-shape step decodes every code after the prompt (built for
+    guidance's doubled rows when the checkpoint's sampling is guided); Jacobi windows need the
+    KV decoder."""
+    steps, codes_per_image = [], []
+
+    class CountingStaticDecoder(StaticDecoder):
+        def step(self, code, slot):
+            steps.append(code.shape[0])
+            codes_per_image.append(self.prior.config.image_seq_len)  # the checkpoint's grid
+            return super().step(code, slot)
+
+    monkeypatch.setattr(benchmark, "StaticDecoder", CountingStaticDecoder)
     legacy = ROOT / "tests" / "fixtures" / "legacy" / "dalle_main_d5d9626.ckpt"
     main([*TINY, "--only", "generate", "--ckpt", str(legacy), "--decoder", "static"])
     result = json.loads(capsys.readouterr().out)
+    assert steps and set(steps) == {2 * 2}  # batch 2, doubled by the checkpoint's guidance
+    assert len(steps) == codes_per_image[0] - 1  # one batch (TINY: no warm-up, 1 repeat)
     assert result["generate"]["codes_per_forward"] == 1.0
     assert result["config"]["decoder"] == "static"
     with pytest.raises(SystemExit):

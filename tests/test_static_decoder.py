@@ -71,8 +71,8 @@ def test_inductor_writes_one_slot_per_step_not_the_whole_cache():
     """Inductor itself (C++ kernels on CPU): the compiled step equals the eager one, and no
     generated loop runs over a layer's whole cache. The cache's tensors are updated in place;
     when they were views of one buffer for all layers, Inductor copied the whole cache in
-    every layer of every step (5x slower than eager on CPU: docs/speed.md). The loop bounds
-    are read from the generated source; the test fails if none are found."""
+    every layer of every step (~3x slower than the eager step on CPU: docs/speed.md). The loop
+    bounds are read from the generated source; the test fails if none are found."""
     model = tiny("sparse", depth=2)
     text, codes = inputs(batch=2, seed=5)
     static = StaticDecoder(model, batch=2)
