@@ -56,6 +56,7 @@ SMALL = ["dataset.num_val=8", "dataset.num_test=8", "trainer.max_steps=2", "logg
         ("model=clip model.optimizer.lr=-1", "model.optimizer.lr", ">= 1e-12"),
         ("model=dalle model.dvae_ckpt=/no/dvae.ckpt", "model.dvae_ckpt", "dVAE checkpoint"),
         ("model=dalle model.anneal_fraction=2", "model.anneal_fraction", "[0.0, 1.0]"),
+        ("model.decoder_only_from=0", "model.decoder_only_from", ">= 1"),
         (
             "model=dalle model.caption_dropout=0 model.sampling.cond_scale=2",
             "model.sampling.cond_scale",

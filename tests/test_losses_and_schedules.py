@@ -107,6 +107,51 @@ def test_dvae_schedules_follow_the_paper_shape():
     assert schedule.tau(10**7) == pytest.approx(1 / 16)
 
 
+def test_decoder_only_phase_starts_at_its_step():
+    schedule = DVAESchedule(decoder_only_from=7)
+    assert [schedule.decoder_only(s) for s in range(10)] == [False] * 7 + [True] * 3
+    assert not any(DVAESchedule().decoder_only(s) for s in range(10))  # null: never
+
+
+def test_dvae_learning_rate_restarts_for_the_decoder_only_phase():
+    """With decoder_only_from inside the run, the cosine ends there, and the phase has its own
+    cosine from decoder_only_lr_ratio of the initial rate over the steps left."""
+    lr, ratio, steps, start = 3e-3, 0.01, 100, 60
+    schedule = DVAESchedule(
+        lr_final_ratio=ratio, decoder_only_from=start, decoder_only_lr_ratio=0.5
+    )
+    module = DVAEModule(NET, schedule=schedule, optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
+    module.trainer = type("T", (), {"model": module, "max_steps": steps})()
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(steps):
+        seen.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    first = [lr * cosine_anneal(s, 1.0, ratio, start) for s in range(start)]
+    second = [lr * 0.5 * cosine_anneal(s, 1.0, ratio, steps - start) for s in range(steps - start)]
+    assert seen == pytest.approx(first + second)
+    assert seen[start - 1] == pytest.approx(lr * ratio, rel=0.1)  # decayed, then
+    assert seen[start] == pytest.approx(lr / 2)  # the phase starts afresh
+
+
+def test_decoder_step_fits_the_decoder_to_the_hard_codes():
+    """The decoder-only step's loss is validation's reconstruction term (argmax codes), and
+    only the decoder gets gradients."""
+    torch.manual_seed(0)
+    module = DVAEModule(NET, DVAELoss(recon_loss="mse"), DVAESchedule(decoder_only_from=1))
+    images = torch.rand(2, 3, 32, 32)
+    loss = module._decoder_step(images)
+    logits = module.net.logits(images)
+    nll, _ = module._terms(module._decode_hard(logits), logits, images)
+    assert torch.allclose(loss, nll.mean())
+    loss.backward()
+    encoder = [p.grad for p in module.net.encoder.parameters()]
+    decoder = [p.grad for p in module.net.decoder.parameters()]
+    assert all(g is None for g in encoder)
+    assert all(g is not None for g in decoder) and any(g.abs().sum() > 0 for g in decoder)
+
+
 def test_training_loss_is_normalised_by_subpixels():
     torch.manual_seed(0)
     module = DVAEModule(NET, DVAELoss(beta=6.6), DVAESchedule(kl_warmup_steps=0))

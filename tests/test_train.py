@@ -71,6 +71,32 @@ def test_short_run_checkpoints_load_and_evaluate(make_cfg, tmp_path):
     )
 
 
+def test_decoder_only_phase_leaves_the_encoder_as_it_was(make_cfg, tmp_path):
+    """From model.decoder_only_from on, the decoder trains alone: the encoder's weights (and
+    so the codes the prior learns) stay those of the step before the phase."""
+    cfg = make_cfg(
+        [
+            "debug=limit",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=3",
+            "model.decoder_only_from=3",
+            "callbacks.model_checkpoint.save_top_k=-1",  # keep step 3 and step 6
+            "test=false",
+            *TINY,
+        ]
+    )
+    train(cfg)
+    at = {
+        step: torch.load(tmp_path / "checkpoints" / f"best-step{step:07d}.ckpt")["state_dict"]
+        for step in (3, 6)
+    }
+    encoder = [k for k in at[3] if k.startswith("net.encoder.")]
+    decoder = [k for k in at[3] if k.startswith("net.decoder.")]
+    assert encoder and decoder
+    assert all(torch.equal(at[3][k], at[6][k]) for k in encoder)
+    assert not all(torch.equal(at[3][k], at[6][k]) for k in decoder)
+
+
 def test_overfit_debug_config_learns(make_cfg):
     cfg = make_cfg(
         [

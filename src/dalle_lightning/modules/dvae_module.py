@@ -12,6 +12,10 @@ beta 0 -> beta over `kl_warmup_steps`, tau 1 -> 1/16 over `temp_anneal_steps`, l
 cosine from its initial value to `lr_final_ratio` of it over `lr_decay_steps`, optionally
 after a linear warm-up over `lr_warmup_steps` (not in the paper; see `schedules.linear_warmup`).
 
+Not in the paper, optional: from step `decoder_only_from` on, the decoder trains alone on the
+frozen encoder's argmax codes (`_decoder_step`), so that it renders the hard codes the prior
+will produce (docs/results.md).
+
 Validation uses hard (argmax) codes, the way the prior and generation will use the dVAE, and
 the final beta, so val/loss is comparable across steps and runs.
 """
@@ -126,6 +130,8 @@ class DVAEModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = self._images(batch)
         step = self.global_step
+        if self.schedule.decoder_only(step):
+            return self._decoder_step(images)
         tau, beta = self.schedule.tau(step), self.schedule.beta(step, self.loss.beta)
         out = self.net(images, tau=tau)
         nll, kl = self._terms(out.stats, out.logits, images)
@@ -138,11 +144,26 @@ class DVAEModule(LightningModule):
         self.log_dict({"train/tau": tau, "train/beta": beta})
         return loss
 
+    def _decoder_step(self, images: Tensor) -> Tensor:
+        """The decoder-only phase (`DVAESchedule.decoder_only_from`): the frozen encoder's
+        argmax codes, decoded; only the decoder gets gradients (AdamW skips the encoder)."""
+        with torch.no_grad():
+            logits = self.net.logits(images)
+        nll, _ = self._terms(self._decode_hard(logits), logits, images)
+        loss = nll.mean()
+        self.log_dict({"train/loss": loss, "train/nll": loss})
+        return loss
+
+    def _decode_hard(self, logits: Tensor) -> Tensor:
+        """Decoder statistics of the argmax codes of `logits` (B, K, h, w)."""
+        codes = logits.argmax(1)  # (B, h, w)
+        z = F.one_hot(codes, self.net.vocab_size).permute(0, 3, 1, 2).to(logits.dtype)
+        return self.net.decode_stats(z)
+
     def _eval_step(self, images: Tensor, psnr: PeakSignalNoiseRatio, stage: str) -> Tensor:
         logits = self.net.logits(images)
         codes = logits.argmax(1)  # (B, h, w)
-        z = F.one_hot(codes, self.net.vocab_size).permute(0, 3, 1, 2).to(logits.dtype)
-        stats = self.net.decode_stats(z)
+        stats = self._decode_hard(logits)
         reconstruction = DVAE.mean_image(stats)
         nll, kl = self._terms(stats, logits, images)
         loss = (nll + self.loss.beta * kl).mean()
@@ -196,16 +217,20 @@ class DVAEModule(LightningModule):
         optimizer = (
             self.optimizer(params) if self.optimizer is not None else torch.optim.AdamW(params)
         )
-        decay_steps = self.schedule.lr_decay_steps or self.trainer.max_steps
+        max_steps, start = self.trainer.max_steps, self.schedule.decoder_only_from
+        # with a decoder-only phase inside the run, the cosine ends where the phase starts
+        phase_in_run = start is not None and max_steps is not None and 0 < start < max_steps
+        decay_steps = self.schedule.lr_decay_steps or (start if phase_in_run else max_steps)
         if decay_steps is None or decay_steps <= 0:
             raise ConfigError(
                 "model.lr_decay_steps",
                 self.schedule.lr_decay_steps,
                 "an integer >= 1, or null with trainer.max_steps > 0",
             )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, functools.partial(self.schedule.lr_factor, decay_steps=decay_steps)
+        factor = functools.partial(
+            self.schedule.lr_factor, decay_steps=decay_steps, max_steps=max_steps
         )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

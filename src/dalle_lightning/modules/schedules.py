@@ -41,7 +41,13 @@ class DVAESchedule:
     -> `tau_end` over `temp_anneal_steps` (cosines), the learning rate cosine-decayed to
     `lr_final_ratio` of its initial value over `lr_decay_steps` (null: trainer.max_steps),
     after an optional linear warm-up. Paper: 5000, 1 -> 1/16 over 150,000, 0.0125 over 1.2M,
-    no warm-up."""
+    no warm-up.
+
+    Not in the paper: from step `decoder_only_from` on (null: never) only the decoder trains,
+    on the encoder's argmax codes (the codes the prior and generation use), with the encoder
+    frozen. The learning rate then decays over the steps before it (when `lr_decay_steps` is
+    null), and the phase has a cosine of its own, from `decoder_only_lr_ratio` of the initial
+    learning rate to `lr_final_ratio` of that, over the steps left to trainer.max_steps."""
 
     kl_warmup_steps: int = 5000
     tau_start: float = 1.0
@@ -50,6 +56,8 @@ class DVAESchedule:
     lr_final_ratio: float = 0.0125
     lr_decay_steps: int | None = None
     lr_warmup_steps: int = 0
+    decoder_only_from: int | None = None
+    decoder_only_lr_ratio: float = 1 / 3
 
     def __post_init__(self) -> None:
         require_int("kl_warmup_steps", self.kl_warmup_steps, 0)
@@ -60,6 +68,13 @@ class DVAESchedule:
         if self.lr_decay_steps is not None:
             require_int("lr_decay_steps", self.lr_decay_steps, 1)
         require_int("lr_warmup_steps", self.lr_warmup_steps, 0)
+        if self.decoder_only_from is not None:
+            require_int("decoder_only_from", self.decoder_only_from, 1)
+        require_float("decoder_only_lr_ratio", self.decoder_only_lr_ratio, 0.0, 1.0)
+
+    def decoder_only(self, step: int) -> bool:
+        """Whether `step` trains the decoder alone."""
+        return self.decoder_only_from is not None and step >= self.decoder_only_from
 
     def beta(self, step: int, final: float) -> float:
         return cosine_anneal(step, 0.0, final, self.kl_warmup_steps)
@@ -67,7 +82,11 @@ class DVAESchedule:
     def tau(self, step: int) -> float:
         return cosine_anneal(step, self.tau_start, self.tau_end, self.temp_anneal_steps)
 
-    def lr_factor(self, step: int, decay_steps: int) -> float:
+    def lr_factor(self, step: int, decay_steps: int, max_steps: int = 0) -> float:
+        if self.decoder_only(step):
+            start = self.decoder_only_from
+            phase, ratio = max(1, max_steps - start), self.decoder_only_lr_ratio
+            return ratio * cosine_anneal(step - start, 1.0, self.lr_final_ratio, phase)
         warm = linear_warmup(step, self.lr_warmup_steps)
         return warm * cosine_anneal(step, 1.0, self.lr_final_ratio, decay_steps)
 
