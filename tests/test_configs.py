@@ -214,7 +214,7 @@ def test_shapes_dalle_experiment_is_model_dalle(make_cfg):
 @pytest.mark.parametrize(
     ("overrides", "steps", "batch"),
     [
-        (["model=dvae"], 5000, 8),  # schedule/dvae.yaml
+        (["model=dvae"], 7000, 8),  # schedule/dvae.yaml
         (["model=dalle"], 4500, 16),  # schedule/dalle.yaml
         (["model=clip"], 1500, 64),  # no schedule/clip.yaml: trainer/default's budget
         (["model=dalle", "trainer.max_steps=7"], 7, 16),  # the command line wins
@@ -251,9 +251,10 @@ def test_evaluation_scores_on_the_shapes_own_mix(make_cfg):
     assert make_cfg([], config_name="evaluate").dataset.two_object_prob == 0.5
 
 
-def test_dvae_tau_anneals_over_its_step_budget(make_cfg):
+def test_dvae_tau_anneals_before_the_decoder_trains_alone(make_cfg):
     cfg = make_cfg(["model=dvae"])
-    assert cfg.model.temp_anneal_steps == cfg.trainer.max_steps  # tau is 1/16 at the last step
+    # tau is 1/16 and the lr cosine ends where the decoder-only phase starts, inside the run
+    assert cfg.model.temp_anneal_steps == cfg.model.decoder_only_from < cfg.trainer.max_steps
 
 
 def test_paper_dalle_has_the_paper_sizes_and_builds_on_meta(make_cfg):
