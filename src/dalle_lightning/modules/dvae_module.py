@@ -149,21 +149,20 @@ class DVAEModule(LightningModule):
         argmax codes, decoded; only the decoder gets gradients (AdamW skips the encoder)."""
         with torch.no_grad():
             logits = self.net.logits(images)
-        nll, _ = self._terms(self._decode_hard(logits), logits, images)
+        nll, _ = self._terms(self._decode_codes(logits.argmax(1), logits.dtype), logits, images)
         loss = nll.mean()
         self.log_dict({"train/loss": loss, "train/nll": loss})
         return loss
 
-    def _decode_hard(self, logits: Tensor) -> Tensor:
-        """Decoder statistics of the argmax codes of `logits` (B, K, h, w)."""
-        codes = logits.argmax(1)  # (B, h, w)
-        z = F.one_hot(codes, self.net.vocab_size).permute(0, 3, 1, 2).to(logits.dtype)
+    def _decode_codes(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
+        """Decoder statistics of hard codes (B, h, w), as one-hot inputs of `dtype`."""
+        z = F.one_hot(codes, self.net.vocab_size).permute(0, 3, 1, 2).to(dtype)
         return self.net.decode_stats(z)
 
     def _eval_step(self, images: Tensor, psnr: PeakSignalNoiseRatio, stage: str) -> Tensor:
         logits = self.net.logits(images)
         codes = logits.argmax(1)  # (B, h, w)
-        stats = self._decode_hard(logits)
+        stats = self._decode_codes(codes, logits.dtype)
         reconstruction = DVAE.mean_image(stats)
         nll, kl = self._terms(stats, logits, images)
         loss = (nll + self.loss.beta * kl).mean()
