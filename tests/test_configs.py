@@ -214,7 +214,7 @@ def test_shapes_dalle_experiment_is_model_dalle(make_cfg):
 @pytest.mark.parametrize(
     ("overrides", "steps", "batch"),
     [
-        (["model=dvae"], 7000, 8),  # schedule/dvae.yaml
+        (["model=dvae"], 8000, 8),  # schedule/dvae.yaml
         (["model=dalle"], 4500, 16),  # schedule/dalle.yaml
         (["model=clip"], 1500, 64),  # no schedule/clip.yaml: trainer/default's budget
         (["model=dalle", "trainer.max_steps=7"], 7, 16),  # the command line wins
