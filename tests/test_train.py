@@ -197,3 +197,25 @@ def test_ema_callback_trains_and_checkpoints(make_cfg):
     assert any("EMAWeightAveraging" in key for key in ckpt["callbacks"])
     model = DVAE.from_checkpoint(summary["checkpoints"]["last"])
     assert model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 4, 4)  # 32 px / 8x downsampling
+
+
+def test_early_stopping_ends_the_run_when_validation_stops_improving(make_cfg):
+    """callbacks=[default,early_stopping]: with a min_delta no change can beat, the first
+    validation sets the best value, the next one does not improve on it, and patience 1 stops
+    the run there (step 4 of 20)."""
+    cfg = make_cfg(
+        [
+            "debug=limit",
+            "callbacks=[default,early_stopping]",
+            "callbacks.early_stopping.patience=1",
+            "callbacks.early_stopping.min_delta=1e9",
+            "trainer.max_steps=20",
+            "trainer.val_check_interval=2",
+            *TINY,
+        ]
+    )
+    _, summary = train(cfg)
+    assert summary["global_step"] == 4
+    ckpt = torch.load(summary["checkpoints"]["last"], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert any("EarlyStopping" in key for key in ckpt["callbacks"])
