@@ -1,0 +1,69 @@
+"""python -m dalle_lightning.compare_dalle_pytorch: dalle-pytorch is optional, its unused imports
+are stubbed, and its cache is made to work. A stand-in `dalle_pytorch` package (written here,
+with the imports and the cache-dropping method of 1.6.6) replaces the real one."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from dalle_lightning import compare_dalle_pytorch as compare
+
+FAKE = """
+import pkg_resources, requests
+from taming.models.vqgan import VQModel, GumbelVQ
+
+class DALLE:
+    def __call__(self, text, cache=None):
+        return cache
+
+    def forward_with_cond_scale(self, *args, cond_scale=1, cache=None, **kwargs):
+        if cond_scale == 1:
+            return self(*args, **kwargs)  # what 1.6.6 does: the cache is dropped
+"""
+
+
+@pytest.fixture
+def fake_dalle_pytorch(tmp_path, monkeypatch):
+    package = tmp_path / "dalle_pytorch"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "dalle_pytorch.py").write_text(FAKE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):  # as on a machine without these three packages
+        return None if name in ("pkg_resources", "requests", "taming") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("dalle_pytorch", "pkg_resources", "requests", "taming"):
+            monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in list(sys.modules):  # the stand-ins go; monkeypatch then restores the real ones
+        if name.split(".")[0] in ("dalle_pytorch", "pkg_resources", "requests", "taming"):
+            sys.modules.pop(name)
+
+
+def test_missing_imports_are_stubbed_and_the_cache_is_passed_on(fake_dalle_pytorch):
+    dp = compare.import_dalle_pytorch()
+    cache: dict = {}
+    assert dp.DALLE().forward_with_cond_scale("text", cond_scale=1, cache=cache) is cache
+    with pytest.raises(NotImplementedError, match="unguided"):
+        dp.DALLE().forward_with_cond_scale("text", cond_scale=3, cache=cache)
+
+
+def test_without_dalle_pytorch_it_says_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "dalle_pytorch" else real(n, *a)
+    )
+    with pytest.raises(SystemExit, match="pip install --no-deps dalle-pytorch==1.6.6"):
+        compare.import_dalle_pytorch()
+
+
+def test_only_the_comparable_settings_are_accepted():
+    with pytest.raises(SystemExit, match="one code per forward"):
+        compare.main(["--jacobi-window", "4"])
