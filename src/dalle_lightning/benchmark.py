@@ -134,6 +134,20 @@ def build(args: argparse.Namespace) -> tuple[PriorTransformer, DVAE]:
     return prior, dvae
 
 
+def prior_train_step(prior: PriorTransformer, text, codes) -> Callable[[], None]:
+    """The `prior_train` part: one AdamW step on [text | image] tokens, with a fresh AdamW."""
+    opt = torch.optim.AdamW(prior.parameters(), lr=1e-4)
+
+    def step() -> None:
+        out = prior(text, codes)
+        loss = prior_loss(out.text_logits, out.image_logits, text, codes, 1 / 8)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def generate_speed(args: argparse.Namespace, prior, dvae, text, t: Callable) -> dict:
     """The `generate` part: random weights and text, or `args.ckpt`'s model on captions."""
     sampling = SamplingConfig(jacobi_window=args.jacobi_window)
@@ -182,17 +196,8 @@ def run(args: argparse.Namespace) -> dict:
     t = lambda fn: timed(fn, args.warmup, args.repeats, dev)  # noqa: E731
 
     if "prior_train" in wanted:
-        opt = torch.optim.AdamW(prior.parameters(), lr=1e-4)
-
-        def prior_step() -> None:
-            out = prior(text, codes)
-            loss = prior_loss(out.text_logits, out.image_logits, text, codes, 1 / 8)[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
         prior.train()
-        s = t(prior_step)
+        s = t(prior_train_step(prior, text, codes))
         result["prior_train"] = {"seconds_per_step": s, "tokens_per_s": B * (T + N) / s}
 
     if "generate" in wanted:

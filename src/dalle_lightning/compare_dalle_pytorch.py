@@ -27,16 +27,13 @@ import argparse
 import importlib.util
 import json
 import math
-import statistics
 import sys
-import time
 import types
 from collections.abc import Callable
 
 import torch
 
 from dalle_lightning import benchmark
-from dalle_lightning.modules.losses import prior_loss
 
 
 def import_dalle_pytorch() -> types.ModuleType:
@@ -74,15 +71,6 @@ def import_dalle_pytorch() -> types.ModuleType:
     return dp
 
 
-def median_seconds(fn: Callable[[], object], calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def compare(args: argparse.Namespace) -> dict:
     dp = import_dalle_pytorch()
     benchmark.keep_freed_memory()
@@ -112,16 +100,9 @@ def compare(args: argparse.Namespace) -> dict:
     text = torch.randint(0, args.text_vocab + T, (B, T))
     their_text = torch.randint(1, args.text_vocab, (B, T))  # 0 is its padding
     codes = torch.randint(0, args.image_vocab, (B, N))
-    ours_opt = torch.optim.AdamW(prior.parameters(), lr=1e-4)
+    our_step = benchmark.prior_train_step(prior, text, codes)  # what `benchmark` times
     their_params = [p for n, p in theirs.named_parameters() if not n.startswith("vae.")]
     their_opt = torch.optim.AdamW(their_params, lr=1e-4)
-
-    def our_step() -> None:
-        out = prior(text, codes)
-        loss = prior_loss(out.text_logits, out.image_logits, text, codes, 1 / 8)[0]
-        ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours_opt.step()
 
     def their_step() -> None:
         loss = theirs(their_text, codes, return_loss=True)
@@ -133,24 +114,30 @@ def compare(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             theirs.generate_images(their_text, filter_thres=0.0, use_cache=True)
 
+    def median_seconds(fn: Callable[[], object]) -> float:  # per round, no warm-up
+        return benchmark.timed(fn, 0, args.per_round, args.device)
+
     def our_generate() -> float:  # benchmark's own `generate`, timed here
-        timer = lambda fn: median_seconds(fn, args.per_round)  # noqa: E731
-        return benchmark.generate_speed(args, prior, dvae, text, timer)["seconds_per_batch"]
+        return benchmark.generate_speed(args, prior, dvae, text, median_seconds)[
+            "seconds_per_batch"
+        ]
 
     result: dict = {"generate": [], "prior_train": []}
-    prior.eval(), theirs.eval()
+    prior.eval()
+    theirs.eval()
     their_generate()  # warm-up (ours warms up in its first round)
     for _ in range(args.rounds):
-        ours, their = our_generate(), median_seconds(their_generate, args.per_round)
+        ours, their = our_generate(), median_seconds(their_generate)
         result["generate"].append(
             {"ours_s": ours, "dalle_pytorch_s": their, "ratio": their / ours}
             | {"ours_images_per_s": B / ours, "dalle_pytorch_images_per_s": B / their}
         )
-    prior.train(), theirs.train()
-    our_step(), their_step()  # warm-up
+    prior.train()
+    theirs.train()
+    our_step()  # warm-up
+    their_step()
     for _ in range(args.rounds):
-        ours = median_seconds(our_step, args.per_round)
-        their = median_seconds(their_step, args.per_round)
+        ours, their = median_seconds(our_step), median_seconds(their_step)
         result["prior_train"].append(
             {"ours_s": ours, "dalle_pytorch_s": their, "ratio": their / ours}
             | {
@@ -159,7 +146,7 @@ def compare(args: argparse.Namespace) -> dict:
             }
         )
     result["config"] = {
-        **{k: v for k, v in vars(args).items() if k not in ("only", "ckpt")},
+        **{k: v for k, v in vars(args).items() if k not in ("only", "ckpt", "warmup", "repeats")},
         "torch": torch.__version__,
         "ours_parameters": sum(p.numel() for p in prior.parameters()),
         "dalle_pytorch_transformer_parameters": sum(p.numel() for p in their_params),
