@@ -157,8 +157,8 @@ def test_rows_with_the_same_text_share_one_prefill():
 
 
 def test_each_generation_uses_the_current_weights():
-    """The decoder prepacks the step's weights per generation: after the weights change,
-    cached sampling still equals the uncached forward (no stale copy of an earlier one)."""
+    """After the weights change, cached sampling still equals the uncached forward: the
+    decoder keeps no stale copy of an earlier generation's weights."""
     model = tiny("sparse")
     text, _ = inputs(batch=2)
     sample_codes(model, text, generator=torch.Generator().manual_seed(3))

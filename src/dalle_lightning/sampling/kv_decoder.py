@@ -8,11 +8,11 @@ key/value cache (Ramesh et al., 2021, sec. 2.3 samples image tokens one at a tim
 - `step(code)` feeds code p - 1 into image slot p and returns the logits of code p. It is the
   block's math for one slot written with functional calls: a decoding step is a few small
   matmuls, and module calls, mask lookups and separate scale/mask/matmul ops cost about a
-  fifth of it on CPU. The linears use weights prepacked once per batch (`packed_linear.py`,
-  GELU fused), the position embeddings are summed once, scale, mask and scores are one
-  `baddbmm` with an additive mask row, row and conv layers read only their window of the
-  cache, and keys and values are written with one copy. No dropout: generation runs in
-  eval mode.
+  fifth of it on CPU. The linears are plain `F.linear` on the prior's own weights (oneDNN's
+  prepacked weights were slower on three of the four machines measured: docs/speed.md), the
+  position embeddings are summed once, scale, mask and scores are one `baddbmm` with an
+  additive mask row, row and conv layers read only their window of the cache, and keys and
+  values are written with one copy. No dropout: generation runs in eval mode.
 `tests/test_transformer.py` checks prefill + steps against the teacher-forced forward
 (atol 1e-5); `python -m dalle_lightning.benchmark --only generate` measures it.
 
@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dalle_lightning.models.fp32 import in_fp32
 from dalle_lightning.models.masks import first_key
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
-from dalle_lightning.sampling.packed_linear import PackedLinear
 
 
 class KVCache:
@@ -42,6 +41,11 @@ class KVCache:
         shape = (2, batch, config.heads, config.seq_len, head_dim)
         self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.depth)]
         self.length = 0  # slots filled so far
+
+
+def linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """`layer(x)` without the module call (its hooks are not run: a decoding step has none)."""
+    return F.linear(x, layer.weight, layer.bias)
 
 
 def additive_masks(prior: PriorTransformer) -> dict[str, Tensor]:
@@ -100,16 +104,10 @@ class KVDecoder:
         weight = prior.text_embedding.weight
         self.cache = KVCache(prior.config, batch, weight.device, weight.dtype)
         self.positions = prior.image_positions()  # (N, D) row + column embeddings
-        self.linears = [  # per block: qkv, attention output, MLP in (+ GELU), MLP out
-            (
-                PackedLinear(block.attention.qkv, batch),
-                PackedLinear(block.attention.proj, batch),
-                PackedLinear(block.mlp[0], batch, gelu=True),
-                PackedLinear(block.mlp[2], batch),
-            )
+        self.linears = [  # per block: qkv, attention output, MLP in (then GELU), MLP out
+            (block.attention.qkv, block.attention.proj, block.mlp[0], block.mlp[2])
             for block in prior.blocks
         ]
-        self.image_head = PackedLinear(prior.to_image_logits, batch)
         self.bias = additive_masks(prior)  # pattern -> (S, S): 0 allowed, -inf not
 
     def prefill(self, text: Tensor) -> Tensor:
@@ -126,13 +124,15 @@ class KVDecoder:
         layers = zip(prior.blocks, prior.patterns, self.linears, strict=True)
         for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
-            qkv = qkv_in(h).view(B, 3, H, E)
+            qkv = linear(qkv_in, h).view(B, 3, H, E)
             cache.layers[layer][:, :, :, start] = qkv[:, 1:].transpose(0, 1)
             out = self._attention(qkv[:, 0].reshape(B * H, 1, E), layer, pattern)
-            x = x + proj(out.view(B, D))
-            x = x + mlp_out(mlp_in(F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)))
+            x = x + linear(proj, out.view(B, D))
+            h = F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)
+            x = x + linear(mlp_out, F.gelu(linear(mlp_in, h)))
         cache.length += 1
-        return in_fp32(self.image_head, F.layer_norm(x, (D,), prior.norm.weight, prior.norm.bias))
+        h = F.layer_norm(x, (D,), prior.norm.weight, prior.norm.bias)
+        return in_fp32(prior.to_image_logits, h)
 
     def window(self, inputs: Tensor) -> Tensor:
         """Feed inputs (B, L) into image slots p .. p + L - 1 (p = the next slot: inputs[:, 0]
@@ -150,7 +150,7 @@ class KVDecoder:
         layers = zip(prior.blocks, prior.patterns, self.linears, strict=True)
         for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
-            qkv = qkv_in(h).view(B, L, 3, H, E)
+            qkv = linear(qkv_in, h).view(B, L, 3, H, E)
             cache.layers[layer][:, :, :, start:stop] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(
                 qkv[:, :, 0].transpose(1, 2),  # (B, H, L, E)
@@ -158,11 +158,12 @@ class KVDecoder:
                 cache.layers[layer][1, :, :, :stop],
                 attn_mask=self.bias[pattern][start:stop, :stop],
             )
-            x = x + proj(out.transpose(1, 2).reshape(B * L, D))
-            x = x + mlp_out(mlp_in(F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)))
+            x = x + linear(proj, out.transpose(1, 2).reshape(B * L, D))
+            h = F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)
+            x = x + linear(mlp_out, F.gelu(linear(mlp_in, h)))
         cache.length = stop
         h = F.layer_norm(x, (D,), prior.norm.weight, prior.norm.bias)
-        return in_fp32(self.image_head, h).view(B, L, -1)
+        return in_fp32(prior.to_image_logits, h).view(B, L, -1)
 
     def _attention(self, q: Tensor, layer: int, pattern: str) -> Tensor:
         """Queries (B * H, 1, E) of slot `cache.length` against the cached keys and values that

@@ -6,7 +6,7 @@ as a tensor, attention over the whole cache under the mask's row), which
 `StaticDecoder(prior, batch)` is built once and reused for every batch of that size (its
 cache is rewritten by each prompt); `prefill(text)` is the KV decoder's prefill into its buffers,
 `step(code, slot)` one slot. On CPU the step is slower than `KVDecoder.step` eager (which
-reads only the filled part of the cache and uses prepacked weights) and about as fast compiled
+reads only the filled part of the cache) and about as fast compiled
 by Inductor (`python -m dalle_lightning.benchmark --decoder static-compiled`: docs/speed.md);
 it is the GPU path, run by `python -m dalle_lightning.gpu_check`.
 `tests/test_static_decoder.py` checks it against `KVDecoder` (1e-5), that it compiles into one
