@@ -64,6 +64,14 @@ def test_without_dalle_pytorch_it_says_how_to_install_it(monkeypatch):
         compare.import_dalle_pytorch()
 
 
+def test_help_lists_its_own_flags_and_the_benchmarks(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    shown = capsys.readouterr().out
+    assert "dalle-pytorch 1.6.6" in shown and "--per-round" in shown and "--grid" in shown
+    assert "four hot paths" not in shown  # not the benchmark's own description
+
+
 def test_only_the_comparable_settings_are_accepted():
     with pytest.raises(SystemExit, match="one code per forward"):
         compare.main(["--jacobi-window", "4"])

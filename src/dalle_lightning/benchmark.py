@@ -46,8 +46,11 @@ from dalle_lightning.text.tokenizer import BPETokenizer
 PARTS = ("prior_train", "generate", "dvae_train", "dvae_encode", "caption_encode")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(
+    argv: list[str] | None = None, p: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """The benchmark's flags, checked; `p`: a parser to add them to (a script's own flags)."""
+    p = p or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)

@@ -156,14 +156,15 @@ def compare(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--rounds", type=int, default=3)
-    own.add_argument("--per-round", type=int, default=8)
-    mine, rest = own.parse_known_args(argv)
-    args = benchmark.parse_args(rest)
+    own = argparse.ArgumentParser(
+        description="This project against lucidrains' dalle-pytorch 1.6.6, rounds alternating; "
+        "prints JSON. The benchmark's flags set the sizes."
+    )
+    own.add_argument("--rounds", type=int, default=3, help="rounds, each side once per round")
+    own.add_argument("--per-round", type=int, default=8, help="calls timed per side and round")
+    args = benchmark.parse_args(argv, own)
     if args.ckpt is not None or args.jacobi_window > 1 or args.decoder != "kv":
         raise SystemExit("the comparison runs random weights, one code per forward, the KV decoder")
-    args.rounds, args.per_round = mine.rounds, mine.per_round
     print(json.dumps(compare(args), indent=2))
 
 
