@@ -8,9 +8,10 @@ key/value cache (Ramesh et al., 2021, sec. 2.3 samples image tokens one at a tim
 - `step(code)` feeds code p - 1 into image slot p and returns the logits of code p. It is the
   block's math for one slot written with functional calls: a decoding step is a few small
   matmuls, and module calls, mask lookups and separate scale/mask/matmul ops cost about a
-  fifth of it on CPU. The linears are plain `F.linear` on the prior's own weights (oneDNN's
-  prepacked weights were slower on three of the four machines measured: docs/speed.md), the
-  position embeddings are summed once, scale, mask and scores are one `baddbmm` with an
+  fifth of it on CPU. The linears are `F.linear`'s own `addmm` on transposed views of the
+  prior's weights taken once (oneDNN's prepacked copies were slower on three of the four
+  machines measured: docs/speed.md), the views of the cache each step reads are taken once,
+  the position embeddings are summed once, scale, mask and scores are one `baddbmm` with an
   additive mask row, row and conv layers read only their window of the cache, and keys and
   values are written with one copy. No dropout: generation runs in eval mode.
 `tests/test_transformer.py` checks prefill + steps against the teacher-forced forward
@@ -20,6 +21,8 @@ Shape legend: B batch, T text_seq_len, N image tokens, S = T + N, D dim, H heads
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +46,18 @@ class KVCache:
         self.length = 0  # slots filled so far
 
 
-def linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """`layer(x)` without the module call (its hooks are not run: a decoding step has none)."""
-    return F.linear(x, layer.weight, layer.bias)
+Affine = tuple[Tensor, Tensor | None]  # a linear layer's weight as an (in, out) view, its bias
+
+
+def affine(layer: nn.Linear) -> Affine:
+    return layer.weight.t(), layer.bias
+
+
+def linear(layer: Affine, x: Tensor) -> Tensor:
+    """`layer(x)` for 2-d x: the product `F.linear` runs, without the module call or the
+    transpose per call (each op costs a decoding step time)."""
+    weight_t, bias = layer
+    return torch.addmm(bias, x, weight_t) if bias is not None else x @ weight_t
 
 
 def additive_masks(prior: PriorTransformer) -> dict[str, Tensor]:
@@ -105,10 +117,18 @@ class KVDecoder:
         self.cache = KVCache(prior.config, batch, weight.device, weight.dtype)
         self.positions = prior.image_positions()  # (N, D) row + column embeddings
         self.linears = [  # per block: qkv, attention output, MLP in (then GELU), MLP out
-            (block.attention.qkv, block.attention.proj, block.mlp[0], block.mlp[2])
-            for block in prior.blocks
+            tuple(affine(m) for m in (b.attention.qkv, b.attention.proj, b.mlp[0], b.mlp[2]))
+            for b in prior.blocks
         ]
+        self.image_head = partial(linear, affine(prior.to_image_logits))
         self.bias = additive_masks(prior)  # pattern -> (S, S): 0 allowed, -inf not
+        # views of each layer's cache, taken once (each indexing op costs a step time):
+        # slot p's keys and values (S, B, 2, H, E); keys (B * H, E, S); values (B * H, S, E)
+        c = prior.config
+        BH, S, E = batch * c.heads, c.seq_len, c.dim // c.heads
+        self.slots = [kv.permute(3, 1, 0, 2, 4) for kv in self.cache.layers]
+        self.keys_t = [kv[0].view(BH, S, E).transpose(1, 2) for kv in self.cache.layers]
+        self.values = [kv[1].view(BH, S, E) for kv in self.cache.layers]
 
     def prefill(self, text: Tensor) -> Tensor:
         """Run the text (B, T) and the start-of-image slot; logits of code 0: (B, image_vocab).
@@ -125,14 +145,14 @@ class KVDecoder:
         for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
             qkv = linear(qkv_in, h).view(B, 3, H, E)
-            cache.layers[layer][:, :, :, start] = qkv[:, 1:].transpose(0, 1)
+            self.slots[layer][start].copy_(qkv[:, 1:])
             out = self._attention(qkv[:, 0].reshape(B * H, 1, E), layer, pattern)
             x = x + linear(proj, out.view(B, D))
             h = F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)
             x = x + linear(mlp_out, F.gelu(linear(mlp_in, h)))
         cache.length += 1
         h = F.layer_norm(x, (D,), prior.norm.weight, prior.norm.bias)
-        return in_fp32(prior.to_image_logits, h)
+        return in_fp32(self.image_head, h)
 
     def window(self, inputs: Tensor) -> Tensor:
         """Feed inputs (B, L) into image slots p .. p + L - 1 (p = the next slot: inputs[:, 0]
@@ -163,28 +183,21 @@ class KVDecoder:
             x = x + linear(mlp_out, F.gelu(linear(mlp_in, h)))
         cache.length = stop
         h = F.layer_norm(x, (D,), prior.norm.weight, prior.norm.bias)
-        return in_fp32(prior.to_image_logits, h).view(B, L, -1)
+        return in_fp32(self.image_head, h).view(B, L, -1)
 
     def _attention(self, q: Tensor, layer: int, pattern: str) -> Tensor:
         """Queries (B * H, 1, E) of slot `cache.length` against the cached keys and values that
         slot may see: (B * H, 1, E). Row and conv layers read only the text and the window
         [first_key, slot] of the cache, under one softmax."""
-        c, cache = self.config, self.cache
-        T, (BH, _, E), start = c.text_seq_len, q.shape, cache.length
-        keys, values = cache.layers[layer].unbind(0)  # (B, H, S, E)
+        T, E, start = self.config.text_seq_len, q.shape[-1], self.cache.length
+        keys_t, values, stop = self.keys_t[layer], self.values[layer], start + 1
         bias = self.bias[pattern][start]
-        lo = T + first_key(pattern, start - T, c.grid_size, c.conv_kernel)
-
-        def cached(buffer: Tensor, a: int, b: int) -> Tensor:  # slots [a, b): (B * H, b - a, E)
-            return buffer[:, :, a:b].reshape(BH, b - a, E)
-
+        lo = T + first_key(pattern, start - T, self.config.grid_size, self.config.conv_kernel)
         if lo == T:  # one product over [text | image slots so far]
-            seen = cached(keys, 0, start + 1).transpose(1, 2)
-            scores = torch.baddbmm(bias[: start + 1], q, seen, alpha=E**-0.5)
-            return torch.bmm(scores.softmax(-1), cached(values, 0, start + 1))
-        text_scores = torch.bmm(q, cached(keys, 0, T).transpose(1, 2))
-        window_keys = cached(keys, lo, start + 1).transpose(1, 2)
-        window_scores = torch.baddbmm(bias[lo : start + 1], q, window_keys)
+            scores = torch.baddbmm(bias[:stop], q, keys_t[:, :, :stop], alpha=E**-0.5)
+            return torch.bmm(scores.softmax(-1), values[:, :stop])
+        text_scores = torch.bmm(q, keys_t[:, :, :T])
+        window_scores = torch.baddbmm(bias[lo:stop], q, keys_t[:, :, lo:stop])
         probs = torch.cat([text_scores, window_scores], -1).mul_(E**-0.5).softmax(-1)
-        text_part = torch.bmm(probs[..., :T], cached(values, 0, T))
-        return torch.baddbmm(text_part, probs[..., T:], cached(values, lo, start + 1))
+        text_part = torch.bmm(probs[..., :T], values[:, :T])
+        return torch.baddbmm(text_part, probs[..., T:], values[:, lo:stop])
