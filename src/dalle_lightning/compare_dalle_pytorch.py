@@ -155,7 +155,6 @@ def compare(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
     own = argparse.ArgumentParser(
         description="This project against lucidrains' dalle-pytorch 1.6.6, rounds alternating; "
         "prints JSON. The benchmark's flags set the sizes."

@@ -124,7 +124,7 @@ class KVDecoder:
         self.bias = additive_masks(prior)  # pattern -> (S, S): 0 allowed, -inf not
         # views of each layer's cache, taken once (each indexing op costs a step time):
         # slot p's keys and values (S, B, 2, H, E); keys (B * H, E, S); values (B * H, S, E)
-        c = prior.config
+        c = self.config
         BH, S, E = batch * c.heads, c.seq_len, c.dim // c.heads
         self.slots = [kv.permute(3, 1, 0, 2, 4) for kv in self.cache.layers]
         self.keys_t = [kv[0].view(BH, S, E).transpose(1, 2) for kv in self.cache.layers]
@@ -171,7 +171,7 @@ class KVDecoder:
         for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
             qkv = linear(qkv_in, h).view(B, L, 3, H, E)
-            cache.layers[layer][:, :, :, start:stop] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
+            self.slots[layer][start:stop].copy_(qkv[:, :, 1:].transpose(0, 1))
             out = F.scaled_dot_product_attention(
                 qkv[:, :, 0].transpose(1, 2),  # (B, H, L, E)
                 cache.layers[layer][0, :, :, :stop],
