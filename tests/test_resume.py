@@ -107,10 +107,18 @@ def _assert_same_tensors(a, b, where: str) -> None:
             _assert_same_tensors(x, y, f"{where}[{i}]")
 
 
-def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path):
-    full = _train(tmp_path / "full")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The last checkpoint of RUN's 40 steps without an interruption: what every stopped and
+    resumed run below must end with. RUN is deterministic, so it is trained once for them all
+    (the tests only read it)."""
+    log_dir = tmp_path_factory.mktemp("uninterrupted")
+    full = _train(log_dir)
     assert full.returncode == 0, full.stderr[-3000:]
+    return torch.load(_last(log_dir), weights_only=True)
 
+
+def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path, uninterrupted):
     killed_dir = tmp_path / "killed"
     proc = _start_past_its_first_checkpoint(killed_dir, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
@@ -122,7 +130,7 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(list(killed_dir.glob("train_dvae/runs/*"))) == 1  # continued in the same run dir
 
-    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    a = uninterrupted
     b = torch.load(_last(killed_dir), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
@@ -140,14 +148,13 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == list(range(40))  # purged, no repeats
 
 
-def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(tmp_path):
+def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(
+    tmp_path, uninterrupted
+):
     """SIGTERM (what SLURM and spot instances send before a kill) mid-epoch: the run stops at
     the next batch boundary, writes last.ckpt at that step (not only at the last 4-step
     save), exits with code 4 and one line saying how to resume; resumed, it ends bitwise equal
     to an uninterrupted run."""
-    full = _train(tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-3000:]
-
     stopped_dir = tmp_path / "stopped"
     proc = _start_past_its_first_checkpoint(stopped_dir, stderr=subprocess.PIPE)
     proc.send_signal(signal.SIGTERM)
@@ -165,7 +172,7 @@ def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(tmp_
 
     resumed = _train(stopped_dir, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    a = uninterrupted
     b = torch.load(_last(stopped_dir), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
@@ -181,11 +188,11 @@ def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(tmp_
         (6, "epoch_end", 4),  # in the epoch's end hooks: the periodic save of step 4 stays
     ],
 )
-def test_sigterm_at_an_epochs_end_still_resumes_bitwise(tmp_path, step, hook, saved_at):
+def test_sigterm_at_an_epochs_end_still_resumes_bitwise(
+    tmp_path, uninterrupted, step, hook, saved_at
+):
     """The signal sent from inside the run at a chosen step and hook (tests/signal_at_step.py),
     so the epoch boundary is hit every time rather than by chance."""
-    full = _train(tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-3000:]
     signal_at = [
         "+callbacks.signal._target_=tests.signal_at_step.SignalAtStep",
         f"+callbacks.signal.step={step}",
@@ -196,23 +203,20 @@ def test_sigterm_at_an_epochs_end_still_resumes_bitwise(tmp_path, step, hook, sa
     assert torch.load(_last(tmp_path / "stopped"), weights_only=True)["global_step"] == saved_at
     resumed = _train(tmp_path / "stopped", "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    a = uninterrupted
     b = torch.load(_last(tmp_path / "stopped"), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
         _assert_same_tensors(a[key], b[key], key)
 
 
-def test_slurm_requeue_signal_then_the_requeued_job_resumes_by_itself(tmp_path):
+def test_slurm_requeue_signal_then_the_requeued_job_resumes_by_itself(tmp_path, uninterrupted):
     """Under SLURM (its environment faked, a stand-in `scontrol` on PATH): the requeue signal
     (SIGUSR1) stops the run at the step's end, writes last.ckpt, calls `scontrol requeue <job
     id>` and exits with code 4 (Lightning's own handler, which saves inside the signal handler,
     is replaced: no hpc checkpoint). The same command, started again by SLURM with
     SLURM_RESTART_COUNT=1 and no resume=true, continues that run and ends bitwise equal to an
     uninterrupted one."""
-    full = _train(tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-3000:]
-
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
@@ -254,7 +258,7 @@ def test_slurm_requeue_signal_then_the_requeued_job_resumes_by_itself(tmp_path):
     message = "SLURM requeued this job (restart 1): resuming from its last.ckpt"
     assert message in (run / "train_dvae.log").read_text()
     assert list(job.glob("train_dvae/runs/*")) == [run]  # continued in the same run directory
-    a = torch.load(_last(tmp_path / "full"), weights_only=True)
+    a = uninterrupted
     b = torch.load(_last(job), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
