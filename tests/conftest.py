@@ -60,11 +60,15 @@ def run_script(
     )
 
 
-@pytest.fixture
-def tiny_dvae(tmp_path) -> Path:
-    """A randomly initialised dVAE: 32 px -> 8 x 8 codes from 32 (its codes mean nothing)."""
+def write_tiny_dvae(path: Path) -> Path:
+    """A randomly initialised dVAE: 32 px -> 8 x 8 codes from 32 (its codes mean nothing);
+    the same weights on every call."""
     torch.manual_seed(0)
     dvae = DVAE(DVAEConfig(image_size=32, n_hid=8, n_init=8, vocab_size=32))
-    path = tmp_path / "dvae.pt"
     torch.save(export_dvae(dvae), path)
     return path
+
+
+@pytest.fixture
+def tiny_dvae(tmp_path) -> Path:
+    return write_tiny_dvae(tmp_path / "dvae.pt")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dalle_lightning.checkpoints import is_sharded
-from tests.conftest import run_script
+from tests.conftest import run_script, write_tiny_dvae
 from tests.test_dalle_train import SAME_ON_EVERY_RANK
 from tests.test_resume import KEEP_STEP_CHECKPOINTS
 
@@ -28,18 +28,24 @@ EIGHT_STEPS_SAVED_EVERY_4 = [  # s4.ckpt and s8.ckpt kept: a run to resume from 
 ]
 
 
-def _prior(tmp_path: Path, tiny_dvae: Path, name: str, *extra: str) -> Path:
+@pytest.fixture(scope="module")
+def dvae(tmp_path_factory) -> Path:
+    """The module's tiny dVAE; its token cache, beside it, is built by the first prior run."""
+    return write_tiny_dvae(tmp_path_factory.mktemp("fsdp2") / "dvae.pt")
+
+
+def _prior(dvae: Path, log_dir: Path, *extra: str) -> Path:
     """Train the tiny prior; returns its run directory."""
     run = run_script(
         "train.py",
         *SAME_ON_EVERY_RANK,
-        f"model.dvae_ckpt={tiny_dvae}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.log_dir={tmp_path / name}",
+        f"model.dvae_ckpt={dvae}",
+        f"paths.cache_dir={dvae.parent / 'cache'}",
+        f"paths.log_dir={log_dir}",
         *extra,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    (path,) = (tmp_path / name / "train_dalle" / "runs").iterdir()
+    (path,) = (log_dir / "train_dalle" / "runs").iterdir()
     return path
 
 
@@ -65,16 +71,24 @@ def _consolidate(ckpt: Path) -> dict:
     return torch.load(f"{ckpt}.pt", weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def plain(dvae, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny prior under trainer=fsdp's defaults (4 steps) and its last checkpoint
+    consolidated into `last.ckpt.pt`: trained once, read by the two tests below."""
+    run = _prior(dvae, tmp_path_factory.mktemp("plain"), *FSDP)
+    return run, _consolidate(run / "checkpoints" / "last.ckpt")
+
+
 def test_fsdp2_shards_and_trains_the_prior_as_one_process_does_and_its_checkpoint_generates(
-    tiny_dvae, tmp_path
+    dvae, plain, tmp_path
 ):
     """Two ranks with batch 4 each against one process with batch 8: each rank holds half of
     the prior's parameters (DTensor shards), the val/loss after 4 steps and the consolidated
     weights agree to float32 round-off (rel 1e-5; the summed gradients differ in order only),
     and the consolidated file generates through evaluate.py; the sharded directory itself is
     refused there with the command that consolidates it."""
-    fsdp = _prior(tmp_path, tiny_dvae, "fsdp", *FSDP)
-    one = _prior(tmp_path, tiny_dvae, "one", "dataset.batch_size=8")
+    fsdp, full = plain
+    one = _prior(dvae, tmp_path / "one", "dataset.batch_size=8")
     logs = _logs(fsdp)
     held = {
         int(r): (int(a), int(b)) for r, a, b in re.findall(r"rank (\d) holds (\d+) of (\d+)", logs)
@@ -97,7 +111,6 @@ def test_fsdp2_shards_and_trains_the_prior_as_one_process_does_and_its_checkpoin
     assert refused.returncode == 2
     assert f"consolidate it first: python -m dalle_lightning.consolidate {last}" in refused.stderr
 
-    full = _consolidate(last)
     ref = torch.load(one / "checkpoints" / "last.ckpt", weights_only=True)
     assert full["global_step"] == 4 and "optimizer_states" not in full
     assert set(full["state_dict"]) == set(ref["state_dict"])  # the keys of a one-device file
@@ -117,41 +130,40 @@ def test_fsdp2_shards_and_trains_the_prior_as_one_process_does_and_its_checkpoin
     assert len(list(out.rglob("*.png"))) >= 1
 
 
-def test_fsdp2_options_change_memory_and_compute_not_the_numbers(tiny_dvae, tmp_path):
+def test_fsdp2_options_change_memory_and_compute_not_the_numbers(dvae, plain, tmp_path):
     """Activation checkpointing (recompute in backward), keeping the gathered weights after
     forward and CPU offload give the plain FSDP2 run's val/loss and weights exactly (fp32, the
     same operations), and save_distributed_checkpoint=false writes one full file with the
     model's own keys (no wrapper prefixes)."""
-    plain = _prior(tmp_path, tiny_dvae, "plain", *FSDP)
+    plain_run, consolidated = plain
     options = [
         "trainer.strategy.activation_checkpointing=true",
         "trainer.strategy.reshard_after_forward=false",
         "trainer.strategy.cpu_offload=true",
         "trainer.strategy.save_distributed_checkpoint=false",
     ]
-    tuned = _prior(tmp_path, tiny_dvae, "tuned", *FSDP, *options)
+    tuned = _prior(dvae, tmp_path / "tuned", *FSDP, *options)
     assert "activation checkpointing True, reshard after forward False, CPU offload True" in (
         _logs(tuned)
     )
-    assert _metrics(tuned)["metrics"]["val/loss"] == _metrics(plain)["metrics"]["val/loss"]
+    assert _metrics(tuned)["metrics"]["val/loss"] == _metrics(plain_run)["metrics"]["val/loss"]
     full = tuned / "checkpoints" / "last.ckpt"
     assert full.is_file()  # one file, written by rank 0
     state = torch.load(full, weights_only=True)["state_dict"]
-    expected = _consolidate(plain / "checkpoints" / "last.ckpt")["state_dict"]
+    expected = consolidated["state_dict"]
     assert set(state) == set(expected)
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
 
 
 @pytest.mark.parametrize("strategy", [["trainer=ddp", "trainer.devices=2"], FSDP])
-def test_bf16_mixed_runs_on_cpu_with_the_heads_in_fp32(tiny_dvae, tmp_path, strategy):
+def test_bf16_mixed_runs_on_cpu_with_the_heads_in_fp32(dvae, tmp_path, strategy):
     """trainer.precision=bf16-mixed for 2 steps under DDP (autocast) and FSDP2 (autocast and
     bf16 all-gathered weights): the blocks compute in bf16, the logits come out of the fp32
     islands in fp32 (checked inside the run, on the first step), the loss is finite."""
     run = _prior(
-        tmp_path,
-        tiny_dvae,
-        "bf16",
+        dvae,
+        tmp_path / "bf16",
         *strategy,
         "trainer.precision=bf16-mixed",
         "trainer.max_steps=2",
@@ -213,14 +225,14 @@ def test_fsdp2_dvae_resumes_from_its_sharded_checkpoint_with_equal_weights(tmp_p
         torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_fsdp2_prior_resumes_from_its_sharded_step_checkpoint_bitwise(tiny_dvae, tmp_path):
+def test_fsdp2_prior_resumes_from_its_sharded_step_checkpoint_bitwise(dvae, tmp_path):
     """The prior (BPE-dropout off) resumed under FSDP2 from the sharded checkpoint of step 4 of
     an 8-step run ends with that run's weights, bitwise (same max_steps: the LR anneal is a
     function of it)."""
     keep = EIGHT_STEPS_SAVED_EVERY_4
-    full = _prior(tmp_path, tiny_dvae, "full", *FSDP, *keep)
+    full = _prior(dvae, tmp_path / "full", *FSDP, *keep)
     step4 = full / "checkpoints" / "s4.ckpt"
-    resumed = _prior(tmp_path, tiny_dvae, "resumed", *FSDP, *keep, f"ckpt_path={step4}")
+    resumed = _prior(dvae, tmp_path / "resumed", *FSDP, *keep, f"ckpt_path={step4}")
     assert _metrics(resumed)["resumed_from"]["step"] == 4
     a = _consolidate(full / "checkpoints" / "last.ckpt")
     b = _consolidate(resumed / "checkpoints" / "last.ckpt")
