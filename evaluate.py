@@ -11,7 +11,6 @@ import hydra
 from omegaconf import DictConfig
 
 from dalle_lightning.cli import check_group_choices, check_log_dir, exit_on_user_error
-from dalle_lightning.evaluate import evaluate
 from dalle_lightning.runs import register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -20,6 +19,8 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     register_resolvers()  # a launcher's job process runs this function alone
+    from dalle_lightning.evaluate import evaluate  # Lightning: after the command line's checks
+
     with exit_on_user_error():
         evaluate(cfg)
 

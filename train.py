@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 
 from dalle_lightning.cli import check_group_choices, check_log_dir, exit_on_user_error
 from dalle_lightning.runs import register_resolvers
-from dalle_lightning.train import train
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -20,6 +19,8 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     register_resolvers()  # a launcher's job process runs this function alone
+    from dalle_lightning.train import train  # Lightning: after the command line's checks
+
     with exit_on_user_error():
         value, _ = train(cfg)
     return value  # the optimized metric, for sweepers

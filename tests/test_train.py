@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from omegaconf import open_dict
 from dalle_lightning.evaluate import evaluate
 from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.train import train
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
 
 TINY = [
     "model.net.n_hid=8",
@@ -143,6 +145,17 @@ def test_cli_rejects_unknown_dataset_and_model(tmp_path):
     _one_line_error(result, "dataset='imagenet'", "one of coco, cub, folder, shapes")
     result = run_script("train.py", "-m", "model=dvae,vqgan", f"paths.log_dir={tmp_path}")
     _one_line_error(result, "model='vqgan'", "dvae")
+
+
+def test_the_command_line_is_checked_before_lightning_is_imported():
+    """A mistyped group option or an unusable log dir fails in ~1 s, not after Lightning's
+    ~3 s import: the entry scripts load it inside `main`, once Hydra has composed."""
+    code = (
+        "import sys, train, evaluate; print([m for m in sys.modules if m.startswith('lightning')])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPU")

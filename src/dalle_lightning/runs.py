@@ -37,9 +37,8 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dalle_lightning.checkpoints import (
@@ -49,6 +48,9 @@ from dalle_lightning.checkpoints import (
     read_sharded_meta,
 )
 from dalle_lightning.config import ConfigError
+
+if TYPE_CHECKING:  # Lightning loads after the command line's checks (cli.py)
+    import lightning.pytorch as pl
 
 log = logging.getLogger(__name__)
 LAST = Path("checkpoints") / "last.ckpt"
@@ -146,6 +148,8 @@ def continue_csv_logs(loggers: list, step: int) -> None:
     Rows carry the step index of the batch that logged them: the checkpoint at global step
     `step` holds the batches with indices below it, so those rows stay and the rest are
     written again by the resumed run."""
+    from lightning.pytorch.loggers import CSVLogger
+
     for logger in loggers:
         if not isinstance(logger, CSVLogger):
             continue
