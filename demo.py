@@ -11,7 +11,6 @@ import hydra
 from omegaconf import DictConfig
 
 from dalle_lightning.cli import check_group_choices, check_log_dir, exit_on_user_error
-from dalle_lightning.demo.page import serve
 from dalle_lightning.runs import register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -19,6 +18,8 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
+    from dalle_lightning.demo.page import serve  # Lightning, Gradio: after the checks
+
     with exit_on_user_error():
         serve(cfg)
 

@@ -149,10 +149,9 @@ def test_cli_rejects_unknown_dataset_and_model(tmp_path):
 
 def test_the_command_line_is_checked_before_lightning_is_imported():
     """A mistyped group option or an unusable log dir fails in ~1 s, not after Lightning's
-    ~3 s import: the entry scripts load it inside `main`, once Hydra has composed."""
-    code = (
-        "import sys, train, evaluate; print([m for m in sys.modules if m.startswith('lightning')])"
-    )
+    ~3 s import: the entry scripts (demo.py too) load it inside `main`, once Hydra has composed."""
+    imports = "import sys, train, evaluate, demo"
+    code = f"{imports}; print([m for m in sys.modules if m.startswith('lightning')])"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
