@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
+import os
 import tarfile
 from types import SimpleNamespace
 
@@ -87,6 +89,36 @@ def test_training_stream_shuffles_and_its_epoch_is_train_size_over_the_batch(sha
     assert len(loader) == len(batches) == 30 // 4
     keys = [k for b in batches for k in b["key"]]
     assert len(set(keys)) > 20 and keys != sorted(keys)  # mixed, mostly distinct
+
+
+def test_loader_workers_start_once_from_a_fork_server_never_by_forking_the_trainer(
+    shards, monkeypatch
+):
+    """Workers come from a fork server (data/workers.py) and are kept across epochs. Forking
+    the trainer itself, whose other threads run Python under DDP, left a worker hung in
+    CPython's after-fork reinit in 2 of 11 two-rank runs (the DDP test below)."""
+    forks, starts = [], []
+    fork, start = os.fork, multiprocessing.process.BaseProcess.start
+
+    def counted_fork() -> int:
+        pid = fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    def counted_start(process) -> None:
+        starts.append(type(process).__name__)
+        start(process)
+
+    monkeypatch.setattr(os, "fork", counted_fork)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", counted_start)
+    web = _web(shards[0], num_workers=2)
+    train, val = web.train_dataloader(), web.val_dataloader()
+    for _ in range(3):  # epochs
+        assert len(list(train)) == 30 // 4
+        assert sorted(k for batch in val for k in batch["key"]) == [f"{i:09d}" for i in range(8)]
+    assert starts == ["ForkServerProcess"] * 4  # two workers per loader, once
+    assert forks == []
 
 
 def test_too_few_shards_for_the_readers_fail_before_any_work(shards):

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dalle_lightning.config import require_int
 from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws, run_seed
+from dalle_lightning.data.workers import worker_options
 
 
 def collate_image_text(items: list[dict]) -> dict:
@@ -74,11 +75,7 @@ class ImageTextDataModule(LightningDataModule):
         The training loader is resumable (`resumable.py`): its order and per-item randomness
         depend only on (seed, epoch, index), and `owner`'s trainer says where an epoch stands.
         """
-        common = dict(
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_fn,
-        )
+        common = dict(collate_fn=collate_fn, **worker_options(self.num_workers))
         rank, world_size = rank_and_world(owner or self)
         if not train:  # sharded as Lightning would (padded with repeats to equal shares)
             sampler = (

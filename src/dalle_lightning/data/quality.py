@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from dalle_lightning.config import ConfigError
+from dalle_lightning.data.workers import worker_options
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def audit(
     checks = DataLoader(
         _Check([it.path for it in with_captions], max_pixels, draft),
         batch_size=None,
-        num_workers=num_workers,
+        **worker_options(num_workers, persistent=False),
     )
     usable, first_bad = [], {}
     for item, (reason, conversion) in zip(with_captions, checks, strict=True):

@@ -35,6 +35,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from dalle_lightning.data.datamodule import ImageTextDataModule
 from dalle_lightning.data.token_cache import encode_batches
+from dalle_lightning.data.workers import worker_options
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def write_shards(
 
     def write(split: str, source: str) -> dict:
         raw = _RawSamples(datamodule, split)
-        loader = DataLoader(raw, batch_size=None, num_workers=num_workers)
+        loader = DataLoader(raw, batch_size=None, **worker_options(num_workers, persistent=False))
         report = datamodule.data_report().get(source)
         info = {"kind": "images", "data": datamodule.identity(), "report": report}
         return _write(loader, Path(out), split, maxcount, info)

@@ -39,6 +39,7 @@ from dalle_lightning.data.quality import BadImage, decode_rgb
 from dalle_lightning.data.resumable import run_seed
 from dalle_lightning.data.shards import IMAGE_EXTENSIONS, read_manifest, read_token_shards
 from dalle_lightning.data.transforms import TRANSFORMS, EvalTransform
+from dalle_lightning.data.workers import worker_options
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class _Decode:
         k = int(torch.randint(len(captions), ())) if self.random_caption else 0
         item = {"image": self.transform(image), "caption": captions[k], "captions": captions}
         return {**item, "key": sample["__key__"]}
+
+
+def _is_usable(item: dict | None) -> bool:
+    """False for an image _Decode could not read (a named function: workers unpickle it)."""
+    return item is not None
 
 
 class _EveryNth:
@@ -169,11 +175,7 @@ class WebDataModule(ImageTextDataModule):
                 workersplitter=wds.split_by_worker,
                 empty_check=False,
             )
-            return (
-                dataset.compose(_EveryNth(rank, world))
-                .map(decode)
-                .select(lambda item: item is not None)
-            )
+            return dataset.compose(_EveryNth(rank, world)).map(decode).select(_is_usable)
         readers = world * max(1, self.num_workers)
         require(
             len(urls) >= readers,
@@ -191,20 +193,16 @@ class WebDataModule(ImageTextDataModule):
             seed=run_seed(),
             empty_check=False,
         )
-        return (
-            dataset.repeat()
-            .shuffle(self.shuffle_buffer)
-            .map(decode)
-            .select(lambda item: item is not None)
-        )
+        return dataset.repeat().shuffle(self.shuffle_buffer).map(decode).select(_is_usable)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
+        workers = worker_options(self.num_workers)
         if not train:
             return DataLoader(
                 self.stream(split),
                 batch_size=self.eval_batch_size,
-                num_workers=self.num_workers,
                 collate_fn=collate_image_text,
+                **workers,
             )
         _, world = rank_and_world(self)
         batches = self.counts["train"] // (self.batch_size * world)
@@ -217,7 +215,7 @@ class WebDataModule(ImageTextDataModule):
         batched = self.stream(split, train=True).batched(
             self.batch_size, collation_fn=collate_image_text, partial=False
         )
-        loader = wds.WebLoader(batched, batch_size=None, num_workers=self.num_workers)
+        loader = wds.WebLoader(batched, batch_size=None, **workers)
         return loader.with_epoch(batches).with_length(batches, silent=True)
 
     def cache_dataset(self, split: str) -> IterableDataset:
