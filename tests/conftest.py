@@ -69,6 +69,24 @@ def write_tiny_dvae(path: Path) -> Path:
     return path
 
 
+def assert_same(a, b, where: str = "") -> None:
+    """`a` and `b` hold the same values: tensors bitwise, dicts key by key, sequences item by
+    item, anything else by `==`; `where` names the first difference."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 @pytest.fixture
 def tiny_dvae(tmp_path) -> Path:
     return write_tiny_dvae(tmp_path / "dvae.pt")

@@ -21,7 +21,7 @@ from dalle_lightning.checkpoints import read_checkpoint
 from dalle_lightning.config import ConfigError
 from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws
 from dalle_lightning.runs import resume_checkpoint, run_dir
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, assert_same, run_script
 from tests.test_dalle_train import DATA, NET
 
 RUN = [
@@ -95,18 +95,6 @@ def _last(log_dir: Path, stage: str = "train_dvae") -> Path:
     return path
 
 
-def _assert_same_tensors(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same_tensors(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
     """The last checkpoint of RUN's 40 steps without an interruption: what every stopped and
@@ -134,7 +122,7 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal(tmp_path, uninterrupted)
     b = torch.load(_last(killed_dir), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
-        _assert_same_tensors(a[key], b[key], key)  # weights, EMA, AdamW moments, LR schedule
+        assert_same(a[key], b[key], key)  # weights, EMA, AdamW moments, LR schedule
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
     # the logger run continues: every training log step once, up to the end
@@ -176,7 +164,7 @@ def test_sigterm_writes_last_ckpt_at_the_step_and_resume_ends_bitwise_equal(
     b = torch.load(_last(stopped_dir), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
-        _assert_same_tensors(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
 
 
 @pytest.mark.parametrize(
@@ -207,7 +195,7 @@ def test_sigterm_at_an_epochs_end_still_resumes_bitwise(
     b = torch.load(_last(tmp_path / "stopped"), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
-        _assert_same_tensors(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
 
 
 def test_slurm_requeue_signal_then_the_requeued_job_resumes_by_itself(tmp_path, uninterrupted):
@@ -262,7 +250,7 @@ def test_slurm_requeue_signal_then_the_requeued_job_resumes_by_itself(tmp_path, 
     b = torch.load(_last(job), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
-        _assert_same_tensors(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
 
 
 def test_default_stage_2_sigkilled_then_resumed_ends_bitwise_equal(tmp_path, tiny_dvae):
@@ -298,7 +286,7 @@ def test_default_stage_2_sigkilled_then_resumed_ends_bitwise_equal(tmp_path, tin
     b = torch.load(_last(killed_dir, "train_dalle"), weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
     for key in ("state_dict", "optimizer_states", "lr_schedulers"):
-        _assert_same_tensors(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
 
 
 @pytest.mark.parametrize("step_seed", [True, False])
@@ -454,4 +442,4 @@ def test_ddp_resumes_mid_epoch_at_the_next_batch(tmp_path):
     extra += ["callbacks=[default]", "trainer.val_check_interval=4"]
     a, b = _full_and_resumed_from_step_4(tmp_path, *extra)
     assert a["global_step"] == b["global_step"] == 8
-    _assert_same_tensors(a["state_dict"], b["state_dict"], "state_dict")
+    assert_same(a["state_dict"], b["state_dict"], "state_dict")

@@ -14,27 +14,12 @@ from dalle_lightning.data.token_datamodule import TokenDataModule
 from dalle_lightning.data.workers import worker_options
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.text.tokenizer import TextConfig
+from tests.conftest import assert_same
 from tests.test_file_datasets import folder  # noqa: F401 (fixture)
 
 
 def _epochs(loader, count: int = 2) -> list[list[dict]]:
     return [list(loader) for _ in range(count)]
-
-
-def _assert_same(a, b) -> None:
-    assert type(a) is type(b)
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_same(a[key], b[key])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _assert_same(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
 
 
 def test_two_workers_load_what_the_trainer_process_loads(folder, tmp_path):  # noqa: F811
@@ -62,7 +47,7 @@ def test_two_workers_load_what_the_trainer_process_loads(folder, tmp_path):  # n
             "tokens": _epochs(tokens.train_dataloader()) + [list(tokens.val_dataloader())],
         }
     assert len(loaded[0]["images"][0]) == 2 and len(loaded[0]["tokens"][2]) == 1
-    _assert_same(loaded[2], loaded[0])
+    assert_same(loaded[2], loaded[0], "loaded")
 
 
 def test_worker_options_name_the_fork_server_and_keep_workers():
