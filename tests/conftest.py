@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,19 +47,55 @@ def make_cfg(tmp_path):
     GlobalHydra.instance().clear()
 
 
+def run_command(
+    command: list[str], *, timeout: float = 300, cwd: Path = ROOT, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)`, in a process group of its own.
+
+    What it starts (DDP ranks, the loader workers' fork server and workers) is in that group.
+    On timeout every process in it gets SIGABRT, so that each prints the Python stack of every
+    thread to the captured stderr (`PYTHONFAULTHANDLER=1` is set), then SIGKILL; the test fails
+    with that stderr. Nothing is left running either way, to compete for CI's two cores."""
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGABRT)
+            try:
+                stdout, stderr = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+            pytest.fail(
+                f"{' '.join(map(str, command))!r} ran past {timeout} s; the stacks of its "
+                f"processes at that moment, from their stderr:\n{stderr[-12000:]}"
+            )
+        finally:
+            _signal_group(proc.pid, signal.SIGKILL)  # anything it left behind
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group has no process left
+        os.killpg(pgid, sig)
+
+
 def run_script(
-    script: str, *args: str, timeout: int = 300, cwd: Path = ROOT
+    script: str, *args: str, timeout: float = 300, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess:
     """Run `python <script> args...` from the repository root (or `cwd`), as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    command = [sys.executable, str(ROOT / script), *args]
+    return run_command(command, timeout=timeout, cwd=cwd, env=env)
 
 
 def write_tiny_dvae(path: Path) -> Path:

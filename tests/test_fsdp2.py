@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from dalle_lightning.checkpoints import is_sharded
-from tests.conftest import run_script, write_tiny_dvae
+from tests.conftest import run_command, run_script, write_tiny_dvae
 from tests.test_dalle_train import SAME_ON_EVERY_RANK
 from tests.test_resume import KEEP_STEP_CHECKPOINTS
 
@@ -66,7 +65,7 @@ def _consolidate(ckpt: Path) -> dict:
         "--out",
         f"{ckpt}.pt",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = run_command(command, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return torch.load(f"{ckpt}.pt", weights_only=True)
 

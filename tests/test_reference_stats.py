@@ -9,7 +9,6 @@ path gives the same numbers as the real images, and that a protocol mismatch is 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from dalle_lightning.checkpoints import file_sha256
 from dalle_lightning.config import ConfigError
 from dalle_lightning.evaluate import evaluate
 from dalle_lightning.evaluation.random_inception import save_random_inception
-from tests.conftest import ROOT
+from tests.conftest import run_command
 from tests.test_file_datasets import COCO_MINI, needs_coco
 from tests.test_rerank_metrics import metrics_cfg, trained  # noqa: F401 (a fixture)
 
@@ -57,9 +56,7 @@ def reference(trained, tmp_path_factory) -> Path:  # noqa: F811
     command = [sys.executable, "-m", "dalle_lightning.evaluation.reference_stats", *COCO]
     command += ["split=val"]  # = splits=[val], COCO's default
     command += [f"dataset.root={COCO_MINI}", f"inception_weights={trained['inception']}"]
-    run = subprocess.run(
-        [*command, f"paths.log_dir={log_dir}"], cwd=ROOT, capture_output=True, text=True
-    )
+    run = run_command([*command, f"paths.log_dir={log_dir}"], timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (folder,) = log_dir.glob("evaluate_reference_stats/runs/*/reference")
     return folder
@@ -196,7 +193,7 @@ def test_the_command_line_refusal_is_one_line(reference, trained, tmp_path):  # 
     command += [f"ckpt_path={trained['dalle']}", f"reranker.ckpt_path={trained['clip']}"]
     command += [f"inception_weights={trained['inception']}", f"fid_reference={reference}"]
     command += ["seed=7", f"paths.log_dir={tmp_path}"]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    run = run_command(command, timeout=600)
     assert run.returncode == 2, run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "caption_seed=1234" in errors[0], run.stderr[-2000:]

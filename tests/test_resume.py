@@ -21,7 +21,7 @@ from dalle_lightning.checkpoints import read_checkpoint
 from dalle_lightning.config import ConfigError
 from dalle_lightning.data.resumable import ResumableLoader, ResumableSampler, SeededDraws
 from dalle_lightning.runs import resume_checkpoint, run_dir
-from tests.conftest import ROOT, assert_same, run_script
+from tests.conftest import ROOT, assert_same, run_command, run_script
 from tests.test_dalle_train import DATA, NET
 
 RUN = [
@@ -235,11 +235,8 @@ def test_slurm_requeue_signal_then_the_requeued_job_resumes_by_itself(tmp_path, 
         in (run / "train_dvae.log").read_text()
     )
 
-    requeued = subprocess.run(
+    requeued = run_command(
         [sys.executable, "train.py", *RUN, f"paths.log_dir={job}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         env={**slurm, "SLURM_RESTART_COUNT": "1"},
     )
     assert requeued.returncode == 0, requeued.stderr[-3000:]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import torch
 
 from dalle_lightning.data.shapes import ShapesConfig, ShapesDataset
 from dalle_lightning.text.tokenizer import BPETokenizer
-from tests.conftest import ROOT
+from tests.conftest import run_command
 
 CAPTIONS = [ShapesDataset(ShapesConfig(), "train", 400).render(i)[1] for i in range(400)]
 
@@ -73,12 +72,9 @@ def test_training_gives_the_same_file_in_every_process():
         "from tests.test_tokenizer import make; "
         "print(hashlib.sha256(make(200, 16).tokenizer.to_str().encode()).hexdigest())"
     )
-    digests = {
-        subprocess.run(
-            [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout
-        for _ in range(3)
-    }
+    runs = [run_command([sys.executable, "-c", program]) for _ in range(3)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr[-2000:]
+    digests = {run.stdout for run in runs}
     assert len(digests) == 1
     tok = make(200, 16)
     assert tok.tokenizer.token_to_id("[UNK]") == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ from omegaconf import open_dict
 from dalle_lightning.evaluate import evaluate
 from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.train import train
-from tests.conftest import ROOT, run_script
+from tests.conftest import run_command, run_script
 
 TINY = [
     "model.net.n_hid=8",
@@ -152,7 +151,7 @@ def test_the_command_line_is_checked_before_lightning_is_imported():
     ~3 s import: the entry scripts (demo.py too) load it inside `main`, once Hydra has composed."""
     imports = "import sys, train, evaluate, demo"
     code = f"{imports}; print([m for m in sys.modules if m.startswith('lightning')])"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    done = run_command([sys.executable, "-c", code])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
 
