@@ -73,5 +73,6 @@ def test_help_lists_its_own_flags_and_the_benchmarks(capsys):
 
 
 def test_only_the_comparable_settings_are_accepted():
-    with pytest.raises(SystemExit, match="one code per forward"):
-        compare.main(["--jacobi-window", "4"])
+    for flags in (["--ckpt", "last.ckpt"], ["--decoder", "static"]):
+        with pytest.raises(SystemExit, match="random weights and the KV decoder"):
+            compare.main(flags)

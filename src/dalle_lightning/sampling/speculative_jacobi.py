@@ -12,11 +12,13 @@ The guesses after it are not thrown away but redrawn from this forward's p (the 
 update: once their prefix is settled, p no longer changes and they are kept with probability
 1), and new positions entering the window start as uniform guesses.
 
-A batch moves together: every row keeps the number of codes the row with the fewest kept
-codes kept (+1, the corrected or kept code at that position). A row that kept more keeps its
-own verified guess there, so each row is still an exact draw; the rows only lose the extra
-progress. `tests/test_speculative_jacobi.py` compares the sampled distribution with the
-exact one on a small prior.
+A batch moves together: the cache takes as many codes as the row that settled the fewest
+(its kept guesses +1, the corrected code). A row that settled more carries its extra codes
+into the next window as guesses with q = p, the distribution they were settled under; the
+next forward computes the same p for them, so they are kept with probability 1 (up to
+rounding, which the rule absorbs) and the row's lead is not lost. Each row is an exact draw.
+`tests/test_speculative_jacobi.py` compares the sampled distribution with the exact one on a
+small prior.
 
 Shape legend: B rows, L window, V image vocabulary, N image tokens.
 """
@@ -81,17 +83,27 @@ def speculative_jacobi(
         u = torch.rand((B, L), generator=generator, device=device)
         accepted = (u * q_guess < p_guess).long().cumprod(1).sum(1)  # (B,) leading keeps
         k = int(accepted.min())
-        codes[:, done : done + k] = guesses[:, :k]
-        if k < L:  # position k: a row that refused its guess draws from max(0, p - q)
-            residual = (p[:, k] - q[:, k]).clamp_min(0)
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, k])
-            codes[:, done + k] = torch.where(accepted > k, guesses[:, k], draw(residual))
-        settled = min(k + 1, L)
+        settled = min(k + 1, L)  # every row has settled this many codes
+        # a row's codes: its leading kept guesses; at its first refusal a draw from
+        # max(0, p - q); after that, the Jacobi update's guesses from this forward's p
+        at, first = torch.arange(L, device=device), accepted.clamp(max=L - 1)[:, None]
+        outcome = guesses.clone()
+        outcome[:, settled:] = torch.where(
+            at[settled:] > accepted[:, None], draw(p[:, settled:]), guesses[:, settled:]
+        )
+        p_first, q_first = (d.gather(1, first[..., None].expand(B, 1, V))[:, 0] for d in (p, q))
+        residual = (p_first - q_first).clamp_min(0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_first)
+        refused = (accepted < L)[:, None]
+        outcome.scatter_(
+            1, first, torch.where(refused, draw(residual)[:, None], outcome.gather(1, first))
+        )
+        codes[:, done : done + settled] = outcome[:, :settled]
         if kept is not None:
             kept[:, done : done + settled] = logits[:, :settled]
-        # the Jacobi update: later positions guess again from this forward's distributions
-        q = p[:, settled:]
-        guesses = draw(q)
+        # the rest are the next window's guesses, each drawn from this forward's p (a row's
+        # own settled codes too: p(x) / q(x) is 1 next time, so they are kept)
+        guesses, q = outcome[:, settled:], p[:, settled:]
         done += settled
         decoder.cache.length = T + done  # slots whose inputs are settled codes
     return JacobiCodes(codes, kept, forwards)
