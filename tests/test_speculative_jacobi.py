@@ -116,10 +116,10 @@ def sampled_distribution(model, text, sampling, window: int, draws: int, batch: 
 def test_jacobi_samples_the_same_distribution_as_one_code_per_step(sampling):
     """Over all 16 code sequences of a 2 x 2 grid with 2 codes: draws with windows of 3 (2,000
     at batch 1; 10,000 in batches of 50 rows that move together, a row carrying what it settled
-    beyond the slowest row into the next window) and 20,000 with one code per
-    step are all close to the exact distribution in total variation (the sampling noise at
-    these sizes is ~0.02, ~0.01 and ~0.005), while the distribution at 1.3x the temperature
-    is > 0.08 away, so the test tells them apart. At batch 1 the windows save forwards."""
+    beyond the slowest row into the next window) and 20,000 with one code per step are all
+    close to the exact distribution in total variation (the sampling noise at these sizes is
+    ~0.02, ~0.01 and ~0.005), while the distribution at 1.3x the temperature is > 0.08 away,
+    so the test tells them apart. At batch 1 the windows save forwards."""
     model = peaked_prior(seed=2)
     text = torch.tensor([[1, 5]])
     exact = exact_distribution(model, text, sampling)
