@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
 from dalle_lightning.sampling.kv_decoder import KVDecoder
-from dalle_lightning.sampling.sampler import SamplingConfig, filter_logits, sample_codes
+from dalle_lightning.sampling.sampler import (
+    SamplingConfig,
+    filter_logits,
+    gumbel_max,
+    sample_codes,
+)
+from dalle_lightning.sampling.speculative_jacobi import speculative_jacobi
 from tests.test_transformer import GRID, T, inputs, tiny
 
 
@@ -132,6 +139,42 @@ def test_jacobi_samples_the_same_distribution_as_one_code_per_step(sampling):
     assert tv(jacobi, exact) < 0.04 and forwards < 2.0
     jacobi, forwards = sampled_distribution(model, text, sampling, 3, 10_000, 50, 3)
     assert tv(jacobi, exact) < 0.025 and forwards <= 3
+
+
+def test_a_row_ahead_of_the_batch_feeds_its_settled_codes_again_instead_of_redrawing_them():
+    """Row 0's p is one code, so it settles little per forward and holds the batch back; row 1's
+    p is uniform, so it keeps every guess. Every code row 1 was ever fed at a position is the
+    code it ends with there: what it settled beyond row 0 came back unchanged in the next
+    window (redrawn, they would differ in about 3 of 4 cases)."""
+    V, N, window = 4, 16, 4
+    decoder = SimpleNamespace(
+        config=SimpleNamespace(image_seq_len=N, text_seq_len=2), cache=SimpleNamespace(length=3)
+    )
+    row_logits = torch.tensor([[0.0, -float("inf"), -float("inf"), -float("inf")], [0.0] * V])
+    fed: list[tuple[int, torch.Tensor]] = []  # (position of inputs[:, 0], inputs)
+
+    def logits_of(inputs: torch.Tensor) -> torch.Tensor:
+        fed.append((decoder.cache.length - 2 - 1, inputs.clone()))
+        return row_logits[:, None].expand(2, inputs.shape[1], V)
+
+    g = torch.Generator().manual_seed(0)
+    out = speculative_jacobi(
+        decoder,
+        row_logits,
+        logits_of,
+        lambda logits: logits.softmax(-1),
+        lambda probs: gumbel_max(probs.log(), g),
+        window,
+        g,
+    )
+    assert (out.codes[0] == 0).all()
+    assert out.forwards > (N - 1) / window  # row 0 held the batch back
+    for start, window_inputs in fed:
+        positions = range(start, start + window_inputs.shape[1])
+        assert window_inputs[1].tolist() == out.codes[1, positions].tolist()
+    # guesses fed again by the next window (the codes carried), which the check above covered
+    refed = [a.shape[1] + start - 1 - nxt for (start, a), (nxt, _) in itertools.pairwise(fed)]
+    assert sum(max(0, n) for n in refed) > 0
 
 
 @pytest.mark.parametrize("window", [0, 4])
