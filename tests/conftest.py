@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,10 @@ def run_command(
     """`subprocess.run(command, capture_output=True, text=True)`, in a process group of its own.
 
     What it starts (DDP ranks, the loader workers' fork server and workers) is in that group.
-    On timeout every process in it gets SIGABRT, so that each prints the Python stack of every
-    thread to the captured stderr (`PYTHONFAULTHANDLER=1` is set), then SIGKILL; the test fails
-    with that stderr. Nothing is left running either way, to compete for CI's two cores."""
+    On timeout every process in it gets SIGABRT, one after the other, so that each prints the
+    Python stack of every thread to the captured stderr (`PYTHONFAULTHANDLER=1` is set), then
+    SIGKILL; the test fails with that stderr. Nothing is left running either way, to compete
+    for CI's two cores."""
     env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
     with subprocess.Popen(
         command,
@@ -69,7 +71,7 @@ def run_command(
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGABRT)
+            _dump_stacks(proc.pid)
             try:
                 stdout, stderr = proc.communicate(timeout=15)
             except subprocess.TimeoutExpired:
@@ -82,6 +84,21 @@ def run_command(
         finally:
             _signal_group(proc.pid, signal.SIGKILL)  # anything it left behind
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _dump_stacks(pgid: int) -> None:
+    """SIGABRT to each process of group `pgid` in turn, the leader last, 0.2 s apart: their
+    dumps, written piece by piece to one pipe, interleave mid-line when sent at once."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that exits while being listed
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == pgid and int(stat.parent.name) != pgid:
+                members.append(int(stat.parent.name))
+    for pid in [*sorted(members, reverse=True), pgid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+            time.sleep(0.2)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
