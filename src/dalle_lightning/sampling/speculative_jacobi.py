@@ -86,11 +86,12 @@ def speculative_jacobi(
         settled = min(k + 1, L)  # every row has settled this many codes
         # a row's codes: its leading kept guesses; at its first refusal a draw from
         # max(0, p - q); after that, the Jacobi update's guesses from this forward's p
-        at, first = torch.arange(L, device=device), accepted.clamp(max=L - 1)[:, None]
+        ahead = torch.arange(settled, L, device=device)  # positions after the settled ones
         outcome = guesses.clone()
         outcome[:, settled:] = torch.where(
-            at[settled:] > accepted[:, None], draw(p[:, settled:]), guesses[:, settled:]
+            ahead > accepted[:, None], draw(p[:, settled:]), guesses[:, settled:]
         )
+        first = accepted.clamp(max=L - 1)[:, None]  # (B, 1) each row's first refusal
         p_first, q_first = (d.gather(1, first[..., None].expand(B, 1, V))[:, 0] for d in (p, q))
         residual = (p_first - q_first).clamp_min(0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_first)
