@@ -58,6 +58,29 @@ def test_a_window_overwrites_the_slots_of_refused_guesses():
         )
 
 
+@pytest.mark.parametrize("attention", ["full", "sparse"])
+def test_rows_at_different_slots_get_their_own_logits(attention):
+    """One window with a start slot per row: row 0 inside the image, row 1 at its last two
+    slots and two past the end (the cache's spare slots). Each live slot's logits are the
+    teacher-forced ones; a decoder built without spare slots refuses the window by name."""
+    model = tiny(attention)
+    text, codes = inputs(batch=2)
+    N = GRID * GRID
+    with torch.no_grad():
+        expected = model(text, codes).image_logits
+        decoder = KVDecoder(model, batch=2, window=4)
+        decoder.prefill(text)
+        decoder.window(codes[:, : N - 1])  # every slot, both rows
+        fed = torch.stack([codes[0, 1:5], torch.cat([codes[1, N - 3 : N - 1], codes[1, :2]])])
+        logits = decoder.window(fed, torch.tensor([T + 2, T + N - 2]))
+        torch.testing.assert_close(logits[0], expected[0, 2:6], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[1, :2], expected[1, N - 2 :], atol=1e-5, rtol=0)
+        no_spare = KVDecoder(model, batch=2)
+        no_spare.prefill(text)
+        with pytest.raises(ValueError, match=r"KVDecoder\(window >= 4\)"):
+            no_spare.window(fed, torch.tensor([T + 2, T + N - 2]))
+
+
 @pytest.mark.parametrize("guided", [False, True])
 def test_jacobi_logits_equal_teacher_forcing_on_its_codes(guided):
     """Every kept code was verified against the logits of its settled prefix."""
@@ -122,11 +145,10 @@ def sampled_distribution(model, text, sampling, window: int, draws: int, batch: 
 )
 def test_jacobi_samples_the_same_distribution_as_one_code_per_step(sampling):
     """Over all 16 code sequences of a 2 x 2 grid with 2 codes: draws with windows of 3 (2,000
-    at batch 1; 10,000 in batches of 50 rows that move together, a row carrying what it settled
-    beyond the slowest row into the next window) and 20,000 with one code per step are all
-    close to the exact distribution in total variation (the sampling noise at these sizes is
-    ~0.02, ~0.01 and ~0.005), while the distribution at 1.3x the temperature is > 0.08 away,
-    so the test tells them apart. At batch 1 the windows save forwards."""
+    at batch 1; 10,000 in batches of 50 rows, each at its own pace) and 20,000 with one code
+    per step are all close to the exact distribution in total variation (the sampling noise at
+    these sizes is ~0.02, ~0.01 and ~0.005), while the distribution at 1.3x the temperature is
+    > 0.08 away, so the test tells them apart. At batch 1 the windows save forwards."""
     model = peaked_prior(seed=2)
     text = torch.tensor([[1, 5]])
     exact = exact_distribution(model, text, sampling)
@@ -141,21 +163,21 @@ def test_jacobi_samples_the_same_distribution_as_one_code_per_step(sampling):
     assert tv(jacobi, exact) < 0.025 and forwards <= 3
 
 
-def test_a_row_ahead_of_the_batch_feeds_its_settled_codes_again_instead_of_redrawing_them():
-    """Row 0's p is one code, so it settles little per forward and holds the batch back; row 1's
-    p is uniform, so it keeps every guess. Every code row 1 was ever fed at a position is the
-    code it ends with there: what it settled beyond row 0 came back unchanged in the next
-    window (redrawn, they would differ in about 3 of 4 cases)."""
-    V, N, window = 4, 16, 4
+def test_each_row_moves_at_its_own_pace():
+    """Row 0's p is one code, so it keeps a uniform guess 1 time in 4 and settles little per
+    forward; row 1's p is uniform, so it keeps every guess. Row 1's windows still start W codes
+    apart (it is not held back by row 0), then stay past the image's end, and every code it was
+    fed is the one it ends with: what it drew beyond its settled codes (q = p) was kept."""
+    V, N, window, T = 4, 16, 4, 2
     decoder = SimpleNamespace(
-        config=SimpleNamespace(image_seq_len=N, text_seq_len=2), cache=SimpleNamespace(length=3)
+        config=SimpleNamespace(image_seq_len=N, text_seq_len=T), cache=SimpleNamespace(length=3)
     )
     row_logits = torch.tensor([[0.0, -float("inf"), -float("inf"), -float("inf")], [0.0] * V])
-    fed: list[tuple[int, torch.Tensor]] = []  # (position of inputs[:, 0], inputs)
+    fed: list[tuple[torch.Tensor, int]] = []  # (inputs, row 1's start) of each forward
 
-    def logits_of(inputs: torch.Tensor) -> torch.Tensor:
-        fed.append((decoder.cache.length - 2 - 1, inputs.clone()))
-        return row_logits[:, None].expand(2, inputs.shape[1], V)
+    def logits_of(window_inputs: torch.Tensor, starts: torch.Tensor | int) -> torch.Tensor:
+        fed.append((window_inputs.clone(), starts if isinstance(starts, int) else int(starts[1])))
+        return row_logits[:, None].expand(2, window_inputs.shape[1], V)
 
     g = torch.Generator().manual_seed(0)
     out = speculative_jacobi(
@@ -168,13 +190,12 @@ def test_a_row_ahead_of_the_batch_feeds_its_settled_codes_again_instead_of_redra
         g,
     )
     assert (out.codes[0] == 0).all()
-    assert out.forwards > (N - 1) / window  # row 0 held the batch back
-    for start, window_inputs in fed:
-        positions = range(start, start + window_inputs.shape[1])
-        assert window_inputs[1].tolist() == out.codes[1, positions].tolist()
-    # guesses fed again by the next window (the codes carried), which the check above covered
-    refed = [a.shape[1] + start - 1 - nxt for (start, a), (nxt, _) in itertools.pairwise(fed)]
-    assert sum(max(0, n) for n in refed) > 0
+    assert out.forwards == len(fed) > (N - 1) / window + 1  # row 0 needs more forwards
+    assert [start for _, start in fed] == [min(T + 1 + k * window, T + N) for k in range(len(fed))]
+    for window_inputs, start in fed:
+        position = start - T - 1  # of window_inputs[1, 0]
+        inside = window_inputs[1, : max(0, N - position)]
+        assert inside.tolist() == out.codes[1, position : position + len(inside)].tolist()
 
 
 @pytest.mark.parametrize("window", [0, 4])

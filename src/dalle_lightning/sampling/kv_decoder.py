@@ -39,9 +39,11 @@ class KVCache:
     step updates each layer's tensor in place (views of one buffer for all layers made
     Inductor copy the whole cache in every layer: docs/speed.md)."""
 
-    def __init__(self, config: PriorConfig, batch: int, device=None, dtype=None):
+    def __init__(self, config: PriorConfig, batch: int, device=None, dtype=None, spare: int = 0):
+        """`spare` slots past the sequence take the window positions of rows near its end
+        (`KVDecoder.window`), whose outputs are not used."""
         head_dim = config.dim // config.heads
-        shape = (2, batch, config.heads, config.seq_len, head_dim)
+        shape = (2, batch, config.heads, config.seq_len + spare, head_dim)
         self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.depth)]
         self.length = 0  # slots filled so far
 
@@ -109,12 +111,14 @@ def prefill(prior: PriorTransformer, cache: KVCache, text: Tensor) -> Tensor:
 
 
 class KVDecoder:
-    """Cached decoding of `batch` rows with `prior` (its weights as they are now)."""
+    """Cached decoding of `batch` rows with `prior` (its weights as they are now); `window`:
+    the longest `window` forward it will run (its cache has that many spare slots)."""
 
-    def __init__(self, prior: PriorTransformer, batch: int):
+    def __init__(self, prior: PriorTransformer, batch: int, window: int = 1):
         self.prior, self.config = prior, prior.config
         weight = prior.text_embedding.weight
-        self.cache = KVCache(prior.config, batch, weight.device, weight.dtype)
+        spare = window if window > 1 else 0
+        self.cache = KVCache(prior.config, batch, weight.device, weight.dtype, spare)
         self.positions = prior.image_positions()  # (N, D) row + column embeddings
         self.linears = [  # per block: qkv, attention output, MLP in (then GELU), MLP out
             tuple(affine(m) for m in (b.attention.qkv, b.attention.proj, b.mlp[0], b.mlp[2]))
@@ -125,7 +129,7 @@ class KVDecoder:
         # views of each layer's cache, taken once (each indexing op costs a step time):
         # slot p's keys and values (S, B, 2, H, E); keys (B * H, E, S); values (B * H, S, E)
         c = self.config
-        BH, S, E = batch * c.heads, c.seq_len, c.dim // c.heads
+        BH, S, E = batch * c.heads, c.seq_len + spare, c.dim // c.heads
         self.slots = [kv.permute(3, 1, 0, 2, 4) for kv in self.cache.layers]
         self.keys_t = [kv[0].view(BH, S, E).transpose(1, 2) for kv in self.cache.layers]
         self.values = [kv[1].view(BH, S, E) for kv in self.cache.layers]
@@ -154,29 +158,59 @@ class KVDecoder:
         h = F.layer_norm(x, (D,), prior.norm.weight, prior.norm.bias)
         return in_fp32(self.image_head, h)
 
-    def window(self, inputs: Tensor) -> Tensor:
-        """Feed inputs (B, L) into image slots p .. p + L - 1 (p = the next slot: inputs[:, 0]
-        is code p - 1, the rest are guesses of codes p .. p + L - 2); logits of codes
-        p .. p + L - 1: (B, L, image_vocab), each conditioned on the inputs before it.
+    def window(self, inputs: Tensor, starts: Tensor | int | None = None) -> Tensor:
+        """Feed inputs (B, L) into image slots s .. s + L - 1 of each row: s = starts, one per
+        row (B,) or one for all (None: the next slot, `cache.length`); inputs[:, 0] is the code
+        before slot s, the rest are guesses of the codes after it. Logits of the codes of those
+        slots: (B, L, image_vocab), each conditioned on the inputs before it.
 
-        Speculative decoding's verifying forward: every slot's keys and values are written, and
-        the caller sets `cache.length` to the slots whose inputs it kept (later slots are
-        overwritten by the next window or step)."""
+        Speculative decoding's verifying forward: every slot's keys and values are written (the
+        slots of refused guesses are overwritten by the next window), and `cache.length`
+        becomes the end of the furthest row's window. With a start per row, slots past the
+        sequence (a row near its end or done) go to the cache's spare slots; their logits mean
+        nothing. One start for all rows takes slices (the cheaper path)."""
         c, cache, prior = self.config, self.cache, self.prior
-        (B, L), T, D, H, E = inputs.shape, c.text_seq_len, c.dim, c.heads, c.dim // c.heads
-        start, stop = cache.length, cache.length + L
-        x = F.embedding(inputs, prior.image_embedding.weight) + self.positions[start - T : stop - T]
-        x = x.reshape(B * L, D)
+        (B, L), T, S, D = inputs.shape, c.text_seq_len, c.seq_len, c.dim
+        H, E, device = c.heads, c.dim // c.heads, inputs.device
+        if starts is None or isinstance(starts, int):
+            start = cache.length if starts is None else starts
+            stop = start + L
+            if stop > S:
+                raise ValueError(f"a window of {L} from slot {start} ends past the {S} slots")
+            positions = self.positions[start - T : stop - T]
+            masks = {pattern: bias[start:stop, :stop] for pattern, bias in self.bias.items()}
+
+            def write(layer: int, keys_values: Tensor) -> None:  # (B, L, 2, H, E)
+                self.slots[layer][start:stop].copy_(keys_values.transpose(0, 1))
+
+        else:
+            slots = starts[:, None] + torch.arange(L, device=device)  # (B, L)
+            stop = int(slots.max()) + 1  # the keys any row reads
+            if stop > cache.layers[0].shape[3]:
+                raise ValueError(f"a window up to slot {stop} needs a KVDecoder(window >= {L})")
+            positions = self.positions[(slots - T).clamp(max=c.image_seq_len - 1)]
+            # each slot's mask row (a slot past the sequence takes the last one's), keys up to stop
+            rows, pad = slots.clamp(max=S - 1), (0, max(0, stop - S))
+            masks = {
+                pattern: F.pad(bias[rows, : min(stop, S)], pad, value=float("-inf"))[:, None]
+                for pattern, bias in self.bias.items()
+            }  # (B, 1, L, stop)
+            batch_rows = torch.arange(B, device=device)[:, None].expand(B, L)
+
+            def write(layer: int, keys_values: Tensor) -> None:
+                cache.layers[layer][:, batch_rows, :, slots] = keys_values
+
+        x = (F.embedding(inputs, prior.image_embedding.weight) + positions).reshape(B * L, D)
         layers = zip(prior.blocks, prior.patterns, self.linears, strict=True)
         for layer, (block, pattern, (qkv_in, proj, mlp_in, mlp_out)) in enumerate(layers):
             h = F.layer_norm(x, (D,), block.norm_1.weight, block.norm_1.bias)
             qkv = linear(qkv_in, h).view(B, L, 3, H, E)
-            self.slots[layer][start:stop].copy_(qkv[:, :, 1:].transpose(0, 1))
+            write(layer, qkv[:, :, 1:])
             out = F.scaled_dot_product_attention(
                 qkv[:, :, 0].transpose(1, 2),  # (B, H, L, E)
                 cache.layers[layer][0, :, :, :stop],
                 cache.layers[layer][1, :, :, :stop],
-                attn_mask=self.bias[pattern][start:stop, :stop],
+                attn_mask=masks[pattern],
             )
             x = x + linear(proj, out.transpose(1, 2).reshape(B * L, D))
             h = F.layer_norm(x, (D,), block.norm_2.weight, block.norm_2.bias)

@@ -148,12 +148,17 @@ def sample_codes(
         return filter_logits(logits, sampling.top_k, sampling.top_p)
 
     if sampling.jacobi_window > 1 and use_cache and static is None:
-        decoder = KVDecoder(prior, text.shape[0])
+        decoder = KVDecoder(prior, text.shape[0], sampling.jacobi_window)
         copies = 2 if sampling.guided else 1
         out = speculative_jacobi(
             decoder,
             guide(decoder.prefill(text)),
-            lambda inputs: guide(decoder.window(inputs.repeat(copies, 1))),
+            lambda inputs, starts: guide(
+                decoder.window(
+                    inputs.repeat(copies, 1),
+                    starts if isinstance(starts, int) else starts.repeat(copies),
+                )
+            ),
             lambda logits: target(logits).softmax(-1),
             lambda probs: gumbel_max(probs.log(), generator),
             sampling.jacobi_window,
