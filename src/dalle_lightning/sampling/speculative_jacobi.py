@@ -13,10 +13,10 @@ update: once their prefix is settled, p no longer changes and they are kept with
 1), and new positions entering the window start as uniform guesses.
 
 Each row of a batch moves at its own pace: its window starts after the codes it has settled
-(`KVDecoder.window` takes a start slot per row), and what it keeps of this window's guesses
-and draws (q = p, the distribution they were drawn from) moves to the front of its next one.
-A row that is done, or near the end, still runs in the batch's forward, its positions past
-the image unused. Each row is an exact draw.
+(`KVDecoder.window` takes a start slot per row), and what it did not settle of this window
+(this forward's draws, so q = p) moves to the front of its next one. A row that is done, or
+near the end, still runs in the batch's forward, its positions past the image unused. Each
+row is an exact draw.
 `tests/test_speculative_jacobi.py` compares the sampled distribution with the exact one on a
 small prior.
 
