@@ -130,3 +130,28 @@ def test_16_mixed_composes_with_its_grad_scaler_and_the_nonfinite_guard(tmp_path
     assert not torch.equal(w[1], w[2]) and not torch.equal(w[3], w[4])
     assert module.block_dtypes["qkv"] == torch.float16
     assert module.logit_dtypes == {torch.float32}
+
+
+def test_the_fp32_island_compiles_into_one_graph_where_dynamo_cannot_trace_the_autocast_query(
+    monkeypatch,
+):
+    """Dynamo before torch 2.14 cannot trace `torch.amp.is_autocast_available` (it broke the
+    compiled static decoding step on a GPU with torch 2.11); a stand-in that breaks the graph
+    the same way must not be reached under compilation, and the island still runs in fp32."""
+    from dalle_lightning.models.fp32 import in_fp32
+
+    real = torch.amp.is_autocast_available
+
+    def untraceable(device: str) -> bool:
+        torch._dynamo.graph_break()
+        return real(device)
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(4, 3)
+    island = torch.compile(lambda x: in_fp32(layer, x.exp()), fullgraph=True)
+    x = torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = island(x)
+    assert out.dtype == torch.float32  # inside autocast, the island's output stays fp32
+    torch.testing.assert_close(island(x), layer(x.exp()))
