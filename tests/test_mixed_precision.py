@@ -135,9 +135,9 @@ def test_16_mixed_composes_with_its_grad_scaler_and_the_nonfinite_guard(tmp_path
 def test_the_fp32_island_compiles_into_one_graph_where_dynamo_cannot_trace_the_autocast_query(
     monkeypatch,
 ):
-    """Dynamo before torch 2.14 cannot trace `torch.amp.is_autocast_available` (it broke the
-    compiled static decoding step on a GPU with torch 2.11); a stand-in that breaks the graph
-    the same way must not be reached under compilation, and the island still runs in fp32."""
+    """Dynamo in torch 2.11 cannot trace `torch.amp.is_autocast_available` (it broke the
+    compiled static decoding step on a GPU); a stand-in that breaks the graph the same way must
+    not be reached under compilation, and the island still runs in fp32."""
     from dalle_lightning.models.fp32 import in_fp32
 
     real = torch.amp.is_autocast_available

@@ -1,5 +1,5 @@
 """`python -m dalle_lightning.gpu_check`: mixed precision and FSDP2 on the GPUs this machine
-has, checked against the CPU, in a few minutes (under 8 on one H100-class GPU).
+has, checked against the CPU: 30 s for parts 1, 2 and 4 on one H200 (2026-12-04).
 
 1. Agreement: a tiny prior trains 6 AdamW steps on fixed tokens on the CPU in fp32 (the
    reference) and on the GPU in fp32 (TF32 off), bf16 autocast and fp16 autocast with a

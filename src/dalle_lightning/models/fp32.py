@@ -20,9 +20,9 @@ from torch import Tensor
 def in_fp32(layer: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """`layer(x)` with autocast off and `x` in fp32 when autocast is on; else `layer(x)`."""
     device = x.device.type
-    # Dynamo traces `is_autocast_enabled` but, before torch 2.14, not `is_autocast_available`
-    # (a graph break, which `torch.compile(fullgraph=True)` of the static decoding step refuses);
-    # under compilation the device is one autocast knows (cpu, cuda)
+    # Dynamo traces `is_autocast_enabled`, but in torch 2.11 (not 2.14) not
+    # `is_autocast_available`: a graph break, which `torch.compile(fullgraph=True)` of the
+    # static decoding step refuses. Under compilation the device is one autocast knows.
     available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
     if not (available and torch.is_autocast_enabled(device)):
         return layer(x)
