@@ -5,9 +5,11 @@ with the imports and the cache-dropping method of 1.6.6) replaces the real one."
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
+import torch
 
 from dalle_lightning import compare_dalle_pytorch as compare
 
@@ -76,3 +78,57 @@ def test_only_the_comparable_settings_are_accepted():
     for flags in (["--ckpt", "last.ckpt"], ["--decoder", "static"]):
         with pytest.raises(SystemExit, match="random weights and the KV decoder"):
             compare.main(flags)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--warmup", "1"], "use those instead of --warmup and --repeats"),
+        (["--repeats", "9"], "use those instead of --warmup and --repeats"),
+        (["--only", "generate,dvae_train"], "times generate and prior_train, not dvae_train"),
+    ],
+)
+def test_flags_it_would_ignore_are_refused(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        compare.main(flags)
+
+
+@pytest.mark.parametrize("only", ["generate", "prior_train"])
+def test_only_times_the_part_asked_for(only, fake_dalle_pytorch, monkeypatch, capsys):
+    """--only was ignored once (both parts ran, twice the time): now each part runs alone."""
+    dp = compare.import_dalle_pytorch()
+    calls: list[str] = []
+
+    class Theirs:  # dalle-pytorch's DALLE as the comparison uses it, counting its calls
+        image_seq_len = 4
+
+        def __init__(self, **kwargs):
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def named_parameters(self):
+            return [("transformer.weight", self.weight)]
+
+        def parameters(self):
+            return [self.weight]
+
+        def __call__(self, text, codes, return_loss):
+            calls.append("prior_train")
+            return (self.weight * 0).sum()
+
+        def generate_images(self, text, filter_thres, use_cache):
+            calls.append("generate")
+
+        def eval(self):
+            return self
+
+        def train(self):
+            return self
+
+    monkeypatch.setattr(dp, "DALLE", Theirs)
+    monkeypatch.setattr(dp, "DiscreteVAE", lambda **kwargs: None, raising=False)
+    sizes = ["--dim", "16", "--depth", "1", "--heads", "2", "--text-seq-len", "4"]
+    sizes += ["--image-size", "8", "--grid", "2", "--text-vocab", "16", "--image-vocab", "8"]
+    compare.main([*sizes, "--rounds", "1", "--per-round", "1", "--only", only])
+    shown = json.loads(capsys.readouterr().out)
+    assert set(shown) == {only, "config"} and len(shown[only]) == 1
+    assert set(calls) == {only}

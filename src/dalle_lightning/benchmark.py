@@ -44,6 +44,7 @@ from dalle_lightning.sampling.static_decoder import StaticDecoder
 from dalle_lightning.text.tokenizer import BPETokenizer
 
 PARTS = ("prior_train", "generate", "dvae_train", "dvae_encode", "caption_encode")
+WARMUP, REPEATS = 2, 5  # untimed and timed calls of each part
 
 
 def parse_args(
@@ -78,8 +79,8 @@ def parse_args(
         "path) eager, or compiled (CUDA graphs on a GPU, Inductor's C++ on CPU)",
     )
     p.add_argument("--ckpt", default=None, help="generate: a trained stage-2 checkpoint")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=WARMUP)
+    p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument(
         "--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS)
     )

@@ -2,6 +2,7 @@
 
     pip install --no-deps dalle-pytorch==1.6.6 axial-positional-embedding rotary-embedding-torch
     python -m dalle_lightning.compare_dalle_pytorch [--rounds 3 --per-round 8] [benchmark flags]
+        [--only generate|prior_train]
 
 Prints one JSON object: per round, the median seconds of `--per-round` calls of each side, one
 side after the other, and their ratio, for
@@ -36,6 +37,8 @@ from collections.abc import Callable
 import torch
 
 from dalle_lightning import benchmark
+
+COMPARED = ("generate", "prior_train")  # the benchmark's parts both sides have
 
 
 def import_dalle_pytorch() -> types.ModuleType:
@@ -124,11 +127,13 @@ def compare(args: argparse.Namespace) -> dict:
             "seconds_per_batch"
         ]
 
-    result: dict = {"generate": [], "prior_train": []}
+    wanted = args.only.split(",")
+    result: dict = {part: [] for part in COMPARED if part in wanted}
     prior.eval()
     theirs.eval()
-    their_generate()  # warm-up (ours warms up in its first round)
-    for _ in range(args.rounds):
+    if "generate" in wanted:
+        their_generate()  # warm-up (ours warms up in its first round)
+    for _ in range(args.rounds if "generate" in wanted else 0):
         ours, their = our_generate(), median_seconds(their_generate)
         result["generate"].append(
             {"ours_s": ours, "dalle_pytorch_s": their, "ratio": their / ours}
@@ -136,9 +141,10 @@ def compare(args: argparse.Namespace) -> dict:
         )
     prior.train()
     theirs.train()
-    our_step()  # warm-up
-    their_step()
-    for _ in range(args.rounds):
+    if "prior_train" in wanted:
+        our_step()  # warm-up
+        their_step()
+    for _ in range(args.rounds if "prior_train" in wanted else 0):
         ours, their = median_seconds(our_step), median_seconds(their_step)
         result["prior_train"].append(
             {"ours_s": ours, "dalle_pytorch_s": their, "ratio": their / ours}
@@ -167,6 +173,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.ckpt is not None or args.decoder != "kv":
         raise SystemExit(
             "the comparison runs random weights and the KV decoder: drop --ckpt and --decoder"
+        )
+    if (args.warmup, args.repeats) != (benchmark.WARMUP, benchmark.REPEATS):
+        raise SystemExit(
+            "the comparison times --per-round calls per side in each of --rounds rounds: "
+            "use those instead of --warmup and --repeats"
+        )
+    if args.only == ",".join(benchmark.PARTS):  # the benchmark's default: every part
+        args.only = ",".join(COMPARED)
+    others = set(args.only.split(",")) - set(COMPARED)
+    if others:
+        raise SystemExit(
+            f"--only: the comparison times {' and '.join(COMPARED)}, not "
+            f"{', '.join(sorted(others))}"
         )
     print(json.dumps(compare(args), indent=2))
 
