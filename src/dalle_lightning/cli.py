@@ -32,16 +32,11 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
 
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from dalle_lightning.callbacks.nonfinite import NonFiniteError
-
+    """The project's errors as one line and an exit code; everything else unchanged."""
     try:
         yield
     except ConfigError as err:
         fail(str(err))
-    except NonFiniteError as err:
-        fail(str(err), EXIT_TRAINING_DIVERGED)
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
@@ -52,13 +47,24 @@ def exit_on_user_error() -> Iterator[None]:
             "permissions, then rerun (with resume=true to continue training)",
             EXIT_WRITE_FAILED,
         )
-    except SIGTERMException:
-        fail(
-            "received SIGTERM: training stopped at a step boundary and checkpoints/last.ckpt "
-            "holds it; continue with the same command and resume=true (a job SLURM requeues "
-            "does so by itself)",
-            EXIT_PREEMPTED,
-        )
+    except BaseException as err:  # SIGTERMException is a SystemExit
+        if _raised(err, "dalle_lightning.callbacks.nonfinite", "NonFiniteError"):
+            fail(str(err), EXIT_TRAINING_DIVERGED)
+        if _raised(err, "lightning.pytorch.utilities.exceptions", "SIGTERMException"):
+            fail(
+                "received SIGTERM: training stopped at a step boundary and checkpoints/last.ckpt "
+                "holds it; continue with the same command and resume=true (a job SLURM "
+                "requeues does so by itself)",
+                EXIT_PREEMPTED,
+            )
+        raise
+
+
+def _raised(err: BaseException, module: str, name: str) -> bool:
+    """Whether `err` is `module.name`, without importing `module`: the checks before
+    training run without Lightning, and an error class nothing imported was not raised."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(err, getattr(loaded, name))
 
 
 def group_options(conf_dir: Path, group: str) -> list[str]:

@@ -23,7 +23,7 @@ from dalle_lightning.config import (
     require_float,
     require_int,
 )
-from dalle_lightning.modules.fsdp2 import check_options
+from dalle_lightning.modules.fsdp2_options import check_options
 
 log = logging.getLogger(__name__)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from dalle_lightning.cli import check_group_choices, exit_on_user_error
 from dalle_lightning.config import ConfigError, require, require_int, typed
 from dalle_lightning.models.transformer import PriorConfig, PriorTransformer
-from dalle_lightning.modules.fsdp2 import compute_dtype_name
+from dalle_lightning.modules.fsdp2_options import compute_dtype_name
 from dalle_lightning.runs import register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
