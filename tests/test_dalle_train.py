@@ -21,7 +21,7 @@ from dalle_lightning.modules.dalle_module import DalleModule
 from dalle_lightning.modules.losses import PriorLoss
 from dalle_lightning.modules.schedules import PriorSchedule
 from dalle_lightning.sampling.sampler import SamplingConfig
-from dalle_lightning.stages import resolve_dvae_ckpt
+from dalle_lightning.stage_settings import resolve_dvae_ckpt
 from dalle_lightning.text.tokenizer import BPETokenizer, TextConfig
 from dalle_lightning.train import train
 from tests.conftest import run_script

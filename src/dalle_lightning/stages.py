@@ -11,51 +11,34 @@ by the class that `model._target_` names:
   cache or learned from the training captions (the file the dataset's prior uses too), and a
   `ClipModule` handed it.
 
-A stage first turns its config group into typed configs (`config.typed`): the flat keys of
-conf/model/<stage>.yaml are the fields of the stage's loss and schedule dataclasses plus a
-few module options, nested nodes (`net`, `text`, `sampling`) are dataclasses of their own.
-So a bad value fails before any data is read or any checkpoint is loaded.
+A stage first reads its config group as typed configs (`stage_settings.py`, which train.py
+has already run before importing Lightning), so a bad value fails before any data is read or
+any checkpoint is loaded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import hydra
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dalle_lightning.checkpoints import file_sha256, require_file
-from dalle_lightning.config import (
-    ConfigError,
-    require,
-    require_bool,
-    require_int,
-    typed,
-)
+from dalle_lightning.checkpoints import file_sha256
+from dalle_lightning.config import require, typed
 from dalle_lightning.data.token_cache import load_or_train_tokenizer
 from dalle_lightning.data.token_datamodule import TokenDataModule
 from dalle_lightning.instantiate import build
-from dalle_lightning.models.clip import ClipConfig
-from dalle_lightning.models.dvae import DVAE, DVAEConfig
+from dalle_lightning.models.dvae import DVAE
 from dalle_lightning.models.transformer import PriorConfig
 from dalle_lightning.modules.clip_module import ClipModule
 from dalle_lightning.modules.dalle_module import DalleModule
 from dalle_lightning.modules.dvae_module import DVAEModule
-from dalle_lightning.modules.losses import DVAELoss, PriorLoss
-from dalle_lightning.modules.schedules import ClipSchedule, DVAESchedule, PriorSchedule
-from dalle_lightning.runs import latest_checkpoint
-from dalle_lightning.sampling.sampler import SamplingConfig, resolve_sampling
-from dalle_lightning.text.tokenizer import TextConfig
+from dalle_lightning.stage_settings import clip_settings, dvae_settings, prior_settings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_")
 
 
 class Stage(NamedTuple):
@@ -88,40 +71,22 @@ def dvae_stage(cfg: DictConfig) -> Stage:
 def dvae_module(group: Mapping, at: str = "model", optimizer=None) -> DVAEModule:
     """conf/model/dvae.yaml, or the `hyper_parameters` of a dVAE checkpoint (the same
     layout), as a `DVAEModule`."""
-    node = _plain(group)
-    node.pop("optimizer", None)
-    net = typed(DVAEConfig, node.pop("net", None), f"{at}.net")
-    loss, schedule = _take(node, DVAELoss, at), _take(node, DVAESchedule, at)
-    kinds = dict(num_logged_images=int, channels_last=bool, compile=bool)
-    options = _options(node, at, **kinds)
-    _no_more(node, at, "net", DVAELoss, DVAESchedule, *kinds, "optimizer")
+    net, loss, schedule, options = dvae_settings(group, at)
     return DVAEModule(net, loss, schedule, optimizer, **options)
 
 
 # stage 2 --------------------------------------------------------------------------------------
 def prior_stage(cfg: DictConfig) -> Stage:
     at = "model"
-    node = _plain(cfg.model)
-    node.pop("optimizer", None)
-    dvae_ckpt, net = node.pop("dvae_ckpt", None), node.pop("net", None) or {}
-    text = typed(TextConfig, node.pop("text", None), f"{at}.text")
-    sampling = typed(SamplingConfig, node.pop("sampling", None), f"{at}.sampling")
-    loss, schedule = _take(node, PriorLoss, at), _take(node, PriorSchedule, at)
-    kinds = dict(num_sample_captions=int, compile=bool)
-    options = _options(node, at, **kinds)
-    known = ("dvae_ckpt", "net", "text", "sampling", PriorLoss, PriorSchedule, *kinds)
-    _no_more(node, at, *known, "optimizer")
-    # guidance needs blank captions in training: refused here, not after an hour of it
-    resolve_sampling({}, sampling, loss.caption_dropout > 0, at=f"{at}.sampling")
-    if net.get("backend") == "flex" and not torch.cuda.is_available():
-        cpu = "sdpa on CPU (FlexAttention has no CPU backward)"
-        raise ConfigError(f"{at}.net.backend", "flex", cpu)
-
-    dvae_path = resolve_dvae_ckpt(dvae_ckpt, cfg.paths.log_dir)
-    dvae = DVAE.from_checkpoint(dvae_path, field=f"{at}.dvae_ckpt")
+    found = prior_settings(cfg.model, cfg.paths.log_dir, at)
+    if cfg.model.get("dvae_ckpt") is None:
+        newest = "the newest finished run; set model.dvae_ckpt=PATH to choose"
+        log.info("dVAE: %s (%s)", found.dvae_ckpt, newest)
+    dvae = DVAE.from_checkpoint(found.dvae_ckpt, field=f"{at}.dvae_ckpt")
+    text = found.text
     prior = typed(
         PriorConfig,
-        net,
+        found.net,
         f"{at}.net",
         text_vocab=text.vocab_size,
         text_seq_len=text.text_seq_len,
@@ -137,41 +102,25 @@ def prior_stage(cfg: DictConfig) -> Stage:
         size,
         f"{trained_at}, the size the dVAE was trained at (its grid is the prior's)",
     )
-    sha256 = file_sha256(dvae_path)
+    sha256 = file_sha256(found.dvae_ckpt)
     datamodule = TokenDataModule(images, dvae, sha256, cfg.paths.cache_dir, text)
     module = DalleModule(
-        prior, dvae, None, loss, schedule, sampling, _optimizer(cfg.model), **options
-    )
-    return Stage(datamodule, module, {"dvae_ckpt": str(dvae_path), "dvae_sha256": sha256})
-
-
-def resolve_dvae_ckpt(dvae_ckpt: str | None, log_dir: str) -> Path:
-    """`model.dvae_ckpt`, or the best checkpoint of the newest finished dVAE run."""
-    if dvae_ckpt is not None:
-        require_file(dvae_ckpt, "model.dvae_ckpt", "an existing dVAE checkpoint")
-        return Path(dvae_ckpt)
-    found = latest_checkpoint(log_dir, "train_dvae")
-    require(
-        found is not None,
-        "model.dvae_ckpt",
+        prior,
+        dvae,
         None,
-        f"a dVAE checkpoint, and no finished dVAE run is under {log_dir}/train_dvae: "
-        "run `python train.py model=dvae` first, or pass model.dvae_ckpt=PATH",
+        found.loss,
+        found.schedule,
+        found.sampling,
+        _optimizer(cfg.model),
+        **found.options,
     )
-    log.info("dVAE: %s (the newest finished run; set model.dvae_ckpt=PATH to choose)", found)
-    return found
+    inputs = {"dvae_ckpt": str(found.dvae_ckpt), "dvae_sha256": sha256}
+    return Stage(datamodule, module, inputs)
 
 
 # the in-project CLIP ----------------------------------------------------------------------------
 def clip_stage(cfg: DictConfig) -> Stage:
-    at = "model"
-    node = _plain(cfg.model)
-    node.pop("optimizer", None)
-    vocab_size = node.pop("vocab_size", 512)
-    require_int(f"{at}.vocab_size", vocab_size, 2)
-    net = typed(ClipConfig, node.pop("net", None), f"{at}.net", text_vocab=vocab_size)
-    schedule = _take(node, ClipSchedule, at)
-    _no_more(node, at, ClipSchedule, "net", "vocab_size", "optimizer")
+    vocab_size, net, schedule = clip_settings(cfg.model)
     images = build(cfg.dataset, "dataset")
     images.setup("fit")
     datasets = getattr(images, "datasets", {})
@@ -190,45 +139,7 @@ def clip_stage(cfg: DictConfig) -> Stage:
     return Stage(images, module, {})
 
 
-# config groups as typed configs -----------------------------------------------------------------
-def _plain(group: Mapping) -> dict:
-    """A config group (or a checkpoint's hyper_parameters) as a dict without Hydra's keys."""
-    node = OmegaConf.to_container(group, resolve=True) if isinstance(group, DictConfig) else group
-    return {k: v for k, v in dict(node).items() if k not in HYDRA_KEYS}
-
-
-def _take(node: dict, cls: type[T], at: str) -> T:
-    """The keys of `node` that are fields of the dataclass `cls`, removed from it, as a `cls`."""
-    names = _field_names(cls)
-    return typed(cls, {k: node.pop(k) for k in list(node) if k in names}, at)
-
-
-def _options(node: dict, at: str, **kinds: type) -> dict[str, Any]:
-    """Plain module options (an integer >= 0 or true/false) that `node` sets."""
-    options = {}
-    for name, kind in kinds.items():
-        if name in node:
-            value = options[name] = node.pop(name)
-            if kind is bool:
-                require_bool(f"{at}.{name}", value)
-            else:
-                require_int(f"{at}.{name}", value, 0)
-    return options
-
-
-def _no_more(node: dict, at: str, *known: type | str) -> None:
-    """Fail on a key left over after the stage took its fields: not a field of anything."""
-    if not node:
-        return
-    names = [n for k in known for n in ([k] if isinstance(k, str) else _field_names(k))]
-    key = next(iter(node))
-    raise ConfigError(f"{at}.{key}", node[key], "not a field; " + at + " has " + ", ".join(names))
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
+# the optimizer ----------------------------------------------------------------------------------
 def _optimizer(group: Mapping):
     """The half-built optimizer of a model group (`_partial_: true`), or None."""
     if isinstance(group, DictConfig) and group.get("optimizer") is not None:
