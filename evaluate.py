@@ -19,9 +19,12 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     register_resolvers()  # a launcher's job process runs this function alone
-    from dalle_lightning.evaluate import evaluate  # Lightning: after the command line's checks
+    from dalle_lightning.preflight import check_evaluate  # torch, after the command line's
 
     with exit_on_user_error():
+        check_evaluate(cfg)  # before Lightning is imported: its imports are most of a refusal
+        from dalle_lightning.evaluate import evaluate
+
         evaluate(cfg)
 
 

@@ -19,9 +19,12 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     register_resolvers()  # a launcher's job process runs this function alone
-    from dalle_lightning.train import train  # Lightning: after the command line's checks
+    from dalle_lightning.preflight import check_train  # torch, after the command line's checks
 
     with exit_on_user_error():
+        check_train(cfg)  # before Lightning is imported: its imports are most of a refusal
+        from dalle_lightning.train import train
+
         value, _ = train(cfg)
     return value  # the optimized metric, for sweepers
 

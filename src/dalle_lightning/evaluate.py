@@ -1,7 +1,8 @@
 """`evaluate(cfg)`: what `python evaluate.py` runs.
 
-Each task turns its config into typed values and built objects here, at the edge, then calls
-the task's library function, and writes the run's metrics.json:
+Each task's values are checked first (`preflight.check_evaluate`); the task then turns its
+config into typed values and built objects here, at the edge, calls the task's library
+function, and writes the run's metrics.json:
 
 `task=metrics` (default): FID/IS over CLIP rerank counts and blur radii, with attribute
 accuracy on shapes (`evaluation/rerank_metrics.py`).
@@ -26,33 +27,36 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dalle_lightning.allocator import keep_freed_memory
-from dalle_lightning.checkpoints import read_checkpoint, require_file
-from dalle_lightning.config import require, require_choice, require_int, typed
+from dalle_lightning.checkpoints import read_checkpoint
+from dalle_lightning.config import require
 from dalle_lightning.data.shapes import ShapesDataModule
 from dalle_lightning.evaluation import reference_stats
 from dalle_lightning.evaluation.attribute_accuracy import attribute_accuracy, flat_metrics
 from dalle_lightning.evaluation.generate import generate_grids
-from dalle_lightning.evaluation.rerank_metrics import ProtocolConfig, evaluate_metrics
-from dalle_lightning.instantiate import build, build_all, check_run, check_trainer
+from dalle_lightning.evaluation.protocol import ProtocolConfig
+from dalle_lightning.evaluation.rerank_metrics import evaluate_metrics
+from dalle_lightning.instantiate import build, build_all
 from dalle_lightning.models.dalle import DALLE
-from dalle_lightning.runs import collect_metrics, latest_checkpoint, run_header, write_metrics
+from dalle_lightning.preflight import (
+    check_evaluate,
+    prior_checkpoint,
+    protocol_config,
+    sampling_request,
+)
+from dalle_lightning.runs import collect_metrics, run_header, write_metrics
 from dalle_lightning.sampling.sampler import SamplingConfig, resolve_sampling
 from dalle_lightning.stages import dvae_module
 
 log = logging.getLogger(__name__)
 
-TASKS = ("metrics", "generate", "attributes", "reconstruction", "reference_stats")
-SPLITS = ("train", "val", "test", "heldout")
-
 
 def evaluate(cfg: DictConfig) -> dict:
     started = time.time()
     keep_freed_memory()  # as train.py does (allocator.py); generation speed is unchanged by it
-    require_choice("task", cfg.task, TASKS)
-    check_run(cfg)  # seed, trust_checkpoint
+    check_evaluate(cfg)  # evaluate.py ran it before importing Lightning; direct callers did not
     task = {
         "metrics": _metrics,
         "generate": _generate,
@@ -74,19 +78,8 @@ def load_prior(cfg: DictConfig) -> tuple[DALLE, str, SamplingConfig, int]:
 
     The sampling settings given are checked before loading; those left null then take the
     checkpoint's own (what it was trained for), and the log and metrics.json say which."""
-    given = {k: v for k, v in cfg.sampling.items() if k != "batch_size"}
-    batch_size = cfg.sampling.batch_size
-    require_int("sampling.batch_size", batch_size, 1)
-    resolve_sampling(given, SamplingConfig(), guidance_trained=True)  # checks the given values
-    ckpt_path = cfg.get("ckpt_path") or latest_checkpoint(cfg.paths.log_dir, "train_dalle")
-    require(
-        ckpt_path is not None,
-        "ckpt_path",
-        None,
-        "a stage-2 checkpoint (none found under logs/train_dalle: run "
-        "`python train.py model=dalle` first)",
-    )
-    require_file(ckpt_path, "ckpt_path", "an existing stage-2 checkpoint file")
+    given, batch_size = sampling_request(cfg)
+    ckpt_path = prior_checkpoint(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("DALL-E checkpoint: %s (%s)", ckpt_path, device)
     model = DALLE.from_checkpoint(ckpt_path, device, bool(cfg.trust_checkpoint))
@@ -100,16 +93,7 @@ def _sampling_record(sampling: SamplingConfig, batch_size: int) -> dict:
 
 
 def _generate(cfg: DictConfig) -> dict:
-    prompts = cfg.get("prompts")
-    require(
-        isinstance(prompts, (list, ListConfig))
-        and len(prompts) > 0
-        and all(isinstance(p, str) for p in prompts),
-        "prompts",
-        prompts,
-        """a non-empty list of captions, e.g. prompts='["a red circle on the left"]'""",
-    )
-    require_int("num_images", cfg.num_images, 1)
+    prompts = cfg.prompts
     model, ckpt_path, sampling, batch_size = load_prior(cfg)
     out_dir = Path(cfg.paths.output_dir) / "generated"
     files = generate_grids(
@@ -142,7 +126,6 @@ def _prior_and_data(
 
 
 def _attributes(cfg: DictConfig) -> dict:
-    require_int("num_captions", cfg.num_captions, 1)
     model, ckpt_path, sampling, batch_size, datamodule = _prior_and_data(cfg)
     out_dir = Path(cfg.paths.output_dir)
     results = attribute_accuracy(
@@ -156,11 +139,6 @@ def _attributes(cfg: DictConfig) -> dict:
     }
 
 
-def _protocol(cfg: DictConfig) -> ProtocolConfig:
-    names = [f.name for f in dataclasses.fields(ProtocolConfig)]
-    return typed(ProtocolConfig, {k: cfg.get(k) for k in names if k in cfg}, "")
-
-
 def _check_splits(protocol: ProtocolConfig, datamodule: Any) -> None:
     for split in protocol.splits:
         require(
@@ -172,7 +150,7 @@ def _check_splits(protocol: ProtocolConfig, datamodule: Any) -> None:
 
 
 def _metrics(cfg: DictConfig) -> dict:
-    protocol = _protocol(cfg)
+    protocol = protocol_config(cfg)
     model, ckpt_path, sampling, batch_size, datamodule = _prior_and_data(cfg, setup=False)
     # with reference statistics the split's images are not needed (nor audited): only the
     # built-in shapes, rendered on the fly, still give their attribute records
@@ -203,7 +181,7 @@ def _metrics(cfg: DictConfig) -> dict:
 
 
 def _reference_stats(cfg: DictConfig) -> dict:
-    protocol = _protocol(cfg)
+    protocol = protocol_config(cfg)
     datamodule = build(cfg.dataset, "dataset")
     datamodule.setup()
     _check_splits(protocol, datamodule)
@@ -227,14 +205,7 @@ def _reference_stats(cfg: DictConfig) -> dict:
 
 def _reconstruction(cfg: DictConfig) -> dict:
     started = time.time()
-    require_choice("split", cfg.split, SPLITS)
-    ckpt_path = cfg.get("ckpt_path")
-    require_file(
-        ckpt_path,
-        "ckpt_path",
-        "an existing checkpoint, e.g. logs/train_dvae/runs/<timestamp>/checkpoints/last.ckpt",
-    )
-    check_trainer(cfg)
+    ckpt_path = cfg.ckpt_path
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info("seed: %s", cfg.seed)
     datamodule = build(cfg.dataset, "dataset")

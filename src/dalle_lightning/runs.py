@@ -13,7 +13,8 @@ Every run gets `logs/<task_name>/runs/<timestamp>/` (sweeps: `logs/<task_name>/m
   continue in place. A SLURM job that SLURM requeued (`SLURM_RESTART_COUNT` > 0: after a
   pre-emption, or on SLURM's requeue signal) resumes by itself, from the last.ckpt its
   SIGTERM or requeue signal wrote (`callbacks/preemption.py`), or starts afresh if it has none.
-  `resume_checkpoint` names the file; Lightning restores the model,
+  `checkpoint_to_resume` finds the file (train.py's checks before Lightning) and
+  `resume_checkpoint` reads its step; Lightning restores the model,
   optimizer, LR schedulers, callbacks and loops, and the resumable training loader
   (data/resumable.py) and `StepSeed` make the data order and random draws continue as if the
   run had never stopped.
@@ -91,9 +92,10 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("dalle_run_id", run_id, replace=True)
 
 
-def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
-    """(checkpoint to restore or None, its global step); every problem as a ConfigError
-    (`check_run` has made sure `resume` is a boolean)."""
+def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
+    """The checkpoint a run restores, found but not read: `ckpt_path`, or its run's last.ckpt
+    (resume=true, ckpt_path=last, a requeued SLURM job that has one), or None. Every problem
+    is a ConfigError (`check_run` has made sure `resume` is a boolean)."""
     resume, ckpt_path = cfg.get("resume", False), cfg.get("ckpt_path")
     if resume and ckpt_path not in (None, "last"):
         raise ConfigError(
@@ -101,26 +103,36 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
         )
     if ckpt_path == "best":
         raise ConfigError("ckpt_path", ckpt_path, "a checkpoint file, or last (= resume=true)")
+    last = Path(cfg.paths.output_dir) / LAST
     if not resume and ckpt_path is None and slurm_restarts():
-        resume = checkpoint_exists(Path(cfg.paths.output_dir) / LAST)
-        log.info(
-            "SLURM requeued this job (restart %d): %s",
-            slurm_restarts(),
-            "resuming from its last.ckpt" if resume else "no last.ckpt yet, starting afresh",
-        )
+        return last if checkpoint_exists(last) else None
     if resume or ckpt_path == "last":
-        path = Path(cfg.paths.output_dir) / LAST
-        if not checkpoint_exists(path):
+        if not checkpoint_exists(last):
             raise ConfigError(
                 "resume",
                 True,
                 f"a run of {cfg.task_name} with {LAST} under "
                 f"{Path(cfg.paths.output_dir).parent}: none found; start it without resume=true",
             )
-    elif ckpt_path is None:
+        return last
+    if ckpt_path is None:
+        return None
+    if not checkpoint_exists(ckpt_path):
+        raise ConfigError("ckpt_path", ckpt_path, "an existing checkpoint file")
+    return Path(ckpt_path)
+
+
+def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
+    """(checkpoint to restore or None, its global step), read from the checkpoint."""
+    path = checkpoint_to_resume(cfg)
+    if not cfg.get("resume", False) and cfg.get("ckpt_path") is None and slurm_restarts():
+        log.info(
+            "SLURM requeued this job (restart %d): %s",
+            slurm_restarts(),
+            "resuming from its last.ckpt" if path else "no last.ckpt yet, starting afresh",
+        )
+    if path is None:
         return None, 0
-    else:
-        path = Path(ckpt_path)
     if is_sharded(path):  # trainer=fsdp: Lightning loads the shards, the step is in meta.pt
         ckpt = read_sharded_meta(path)
     else:

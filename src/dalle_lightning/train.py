@@ -3,7 +3,8 @@
 checks -> seed -> the stage's datamodule and module (`stages.py`) -> callbacks -> loggers
 -> trainer -> fit -> test -> metrics.json.
 Every object comes from the composed Hydra config (conf/train.yaml); every value is checked
-while the objects are built, before the first step.
+before the first step: first what needs no built object (`preflight.check_train`), the rest
+while the objects are built.
 """
 
 from __future__ import annotations
@@ -17,13 +18,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from dalle_lightning.allocator import keep_freed_memory
-from dalle_lightning.instantiate import (
-    build,
-    build_all,
-    check_monitored,
-    check_run,
-    check_trainer,
-)
+from dalle_lightning.instantiate import build, build_all, check_monitored
+from dalle_lightning.preflight import check_train
 from dalle_lightning.runs import (
     collect_metrics,
     continue_csv_logs,
@@ -40,8 +36,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     """Fit and test the configured module; returns (value of cfg.optimized_metric, summary)."""
     started = time.time()
     keep_freed_memory()  # CPU steps reuse freed memory (allocator.py)
-    check_run(cfg)
-    check_trainer(cfg)
+    check_train(cfg)  # train.py ran it before importing Lightning; direct callers did not
     ckpt_path, resumed_step = resume_checkpoint(cfg)
     output_dir = Path(cfg.paths.output_dir)
 
