@@ -133,26 +133,26 @@ def compare(args: argparse.Namespace) -> dict:
     theirs.eval()
     if "generate" in wanted:
         their_generate()  # warm-up (ours warms up in its first round)
-    for _ in range(args.rounds if "generate" in wanted else 0):
-        ours, their = our_generate(), median_seconds(their_generate)
-        result["generate"].append(
-            {"ours_s": ours, "dalle_pytorch_s": their, "ratio": their / ours}
-            | {"ours_images_per_s": B / ours, "dalle_pytorch_images_per_s": B / their}
-        )
+        for _ in range(args.rounds):
+            ours, their = our_generate(), median_seconds(their_generate)
+            result["generate"].append(
+                {"ours_s": ours, "dalle_pytorch_s": their, "ratio": their / ours}
+                | {"ours_images_per_s": B / ours, "dalle_pytorch_images_per_s": B / their}
+            )
     prior.train()
     theirs.train()
     if "prior_train" in wanted:
         our_step()  # warm-up
         their_step()
-    for _ in range(args.rounds if "prior_train" in wanted else 0):
-        ours, their = median_seconds(our_step), median_seconds(their_step)
-        result["prior_train"].append(
-            {"ours_s": ours, "dalle_pytorch_s": their, "ratio": their / ours}
-            | {
-                "ours_tokens_per_s": B * (T + N) / ours,
-                "dalle_pytorch_tokens_per_s": B * (T + N) / their,
-            }
-        )
+        for _ in range(args.rounds):
+            ours, their = median_seconds(our_step), median_seconds(their_step)
+            result["prior_train"].append(
+                {"ours_s": ours, "dalle_pytorch_s": their, "ratio": their / ours}
+                | {
+                    "ours_tokens_per_s": B * (T + N) / ours,
+                    "dalle_pytorch_tokens_per_s": B * (T + N) / their,
+                }
+            )
     result["config"] = {
         **{k: v for k, v in vars(args).items() if k not in ("only", "ckpt", "warmup", "repeats")},
         "torch": torch.__version__,
