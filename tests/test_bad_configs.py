@@ -59,6 +59,7 @@ BAD_TRAIN = [
     ("model=dalle model.dvae_ckpt=/no/dvae.ckpt", "model.dvae_ckpt", "dVAE checkpoint"),
     ("model=dalle model.anneal_fraction=2", "model.anneal_fraction", "[0.0, 1.0]"),
     ("model.decoder_only_from=0", "model.decoder_only_from", ">= 1"),
+    ("model._target_=torch.nn.Linear", "model._target_", "dvae_module.DVAEModule, dalle_"),
     (
         "model=dalle model.caption_dropout=0 model.sampling.cond_scale=2",
         "model.sampling.cond_scale",
@@ -72,7 +73,7 @@ BAD_TRAIN = [
 ]
 # checked while the objects are built, after Lightning is imported: the rest is refused before
 BUILT = {"optimized_metric", "dataset.batch_size", "callbacks.nonfinite_guard.max_in_row"}
-BUILT |= {"callbacks.model_checkpoint"}
+BUILT |= {"callbacks.model_checkpoint", "model._target_"}
 
 
 @pytest.mark.parametrize(("override", "field", "allowed"), BAD_TRAIN)

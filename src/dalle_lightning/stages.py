@@ -36,7 +36,14 @@ from dalle_lightning.models.transformer import PriorConfig
 from dalle_lightning.modules.clip_module import ClipModule
 from dalle_lightning.modules.dalle_module import DalleModule
 from dalle_lightning.modules.dvae_module import DVAEModule
-from dalle_lightning.stage_settings import clip_settings, dvae_settings, prior_settings
+from dalle_lightning.stage_settings import (
+    CLIP_MODULE,
+    DALLE_MODULE,
+    DVAE_MODULE,
+    clip_settings,
+    dvae_settings,
+    prior_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +56,15 @@ class Stage(NamedTuple):
 
 def build_stage(cfg: DictConfig) -> Stage:
     """The datamodule and LightningModule of the stage `model._target_` names."""
-    builders = {DVAEModule: dvae_stage, DalleModule: prior_stage, ClipModule: clip_stage}
+    builders = {DVAE_MODULE: dvae_stage, DALLE_MODULE: prior_stage, CLIP_MODULE: clip_stage}
     target = cfg.model.get("_target_")
-    names = ", ".join(f"{c.__module__}.{c.__name__}" for c in builders)
-    try:
+    try:  # the class's own name: the one stage_settings (the checks before Lightning) matches
         module_class = hydra.utils.get_class(str(target))
+        name = f"{module_class.__module__}.{module_class.__qualname__}"
     except Exception:  # Hydra wraps import errors in several types
-        module_class = None
-    require(module_class in builders, "model._target_", target, f"one of {names}")
-    return builders[module_class](cfg)
+        name = None
+    require(name in builders, "model._target_", target, f"one of {', '.join(builders)}")
+    return builders[name](cfg)
 
 
 # stage 1 --------------------------------------------------------------------------------------
