@@ -141,13 +141,13 @@ def server(trained, tmp_path_factory):
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.monotonic() + 120
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
             break
         except OSError:
-            if process.poll() is not None or time.time() > deadline:
+            if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 pytest.fail("the demo did not start:\n" + process.stdout.read())
             time.sleep(0.5)

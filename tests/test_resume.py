@@ -82,9 +82,11 @@ def _start_past_its_first_checkpoint(
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env
     )
-    deadline = time.time() + 120
+    deadline = time.monotonic() + 120
     while not list(log_dir.glob(f"{stage}/runs/*/checkpoints/last.ckpt")):
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the signal"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "no checkpoint before the signal"
+        )
         time.sleep(0.02)
     time.sleep(wait)
     return proc
@@ -415,9 +417,9 @@ def test_a_kill_during_a_checkpoint_save_never_leaves_a_truncated_file(tmp_path)
     saves = []
     for delay in (0.05, 0.13, 0.29):
         proc = subprocess.Popen([sys.executable, "-c", script, str(path)])
-        deadline = time.time() + 120
+        deadline = time.monotonic() + 120
         while not path.exists():  # the first save of this process is complete
-            assert proc.poll() is None and time.time() < deadline
+            assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.005)
         first = torch.load(path, weights_only=True)["i"]
         time.sleep(delay)  # now somewhere inside a later save

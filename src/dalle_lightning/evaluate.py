@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    started = time.time()
+    started = time.monotonic()
     keep_freed_memory()  # as train.py does (allocator.py); generation speed is unchanged by it
     check_evaluate(cfg)  # evaluate.py ran it before importing Lightning; direct callers did not
     task = {
@@ -65,7 +65,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "reference_stats": _reference_stats,
     }[cfg.task]
     results = task(cfg)
-    summary = {**run_header(cfg, time.time() - started), **results}
+    summary = {**run_header(cfg, time.monotonic() - started), **results}
     out_dir = Path(cfg.paths.output_dir)
     write_metrics(out_dir / "metrics.json", summary)
     log.info("metrics: %s", out_dir / "metrics.json")
@@ -204,7 +204,7 @@ def _reference_stats(cfg: DictConfig) -> dict:
 
 
 def _reconstruction(cfg: DictConfig) -> dict:
-    started = time.time()
+    started = time.monotonic()
     ckpt_path = cfg.ckpt_path
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info("seed: %s", cfg.seed)
@@ -218,7 +218,7 @@ def _reconstruction(cfg: DictConfig) -> dict:
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     trainer.test(module, dataloaders=datamodule.split_dataloader(cfg.split))
     metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    summary = collect_metrics(cfg, trainer, {}, metrics, time.time() - started)
+    summary = collect_metrics(cfg, trainer, {}, metrics, time.monotonic() - started)
     return {
         **summary,
         "split": cfg.split,

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> tuple[float | None, dict]:
     """Fit and test the configured module; returns (value of cfg.optimized_metric, summary)."""
-    started = time.time()
+    started = time.monotonic()
     keep_freed_memory()  # CPU steps reuse freed memory (allocator.py)
     check_train(cfg)  # train.py ran it before importing Lightning; direct callers did not
     ckpt_path, resumed_step = resume_checkpoint(cfg)
@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         test_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
-    summary = collect_metrics(cfg, trainer, fit_metrics, test_metrics, time.time() - started)
+    summary = collect_metrics(cfg, trainer, fit_metrics, test_metrics, time.monotonic() - started)
     if report := datamodule.data_report():
         summary["data"] = report  # bad images and captions: skipped and converted counts
     if inputs:

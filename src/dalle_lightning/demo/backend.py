@@ -75,7 +75,7 @@ class DemoBackend:
     ):
         self.model, self.ckpt_path, self.reranker = model, ckpt_path, reranker
         self.out_dir, self.batch_size, self.attribute_check = out_dir, batch_size, attribute_check
-        self.started = time.time()
+        self.started = time.monotonic()
         self.counts = {"requests": 0, "rejected": 0, "images": 0, "seconds_generating": 0.0}
         self._lock = threading.Lock()  # counters and metrics.json, across queue workers
 
@@ -101,7 +101,7 @@ class DemoBackend:
         self, request: DemoRequest, progress: Callable[[float], None] | None = None
     ) -> list[Candidate]:
         """The request's candidates, best first, each saved as a PNG with its metadata."""
-        started = time.time()
+        started = time.monotonic()
         images = self.model.generate(
             [request.caption],
             request.candidates,
@@ -149,7 +149,7 @@ class DemoBackend:
             path = folder / f"rank{rank:02d}_image{index:02d}_seed{request.seed}.png"
             Image.fromarray(to_uint8(image).numpy()).save(path, pnginfo=info)
             candidates.append(Candidate(rank, index, score, said, path))
-        seconds = time.time() - started
+        seconds = time.monotonic() - started
         (folder / "request.json").write_text(
             json.dumps(
                 {
@@ -191,7 +191,7 @@ class DemoBackend:
             {
                 "task_name": "demo",
                 "run_dir": str(self.out_dir),
-                "wall_time_s": round(time.time() - self.started, 1),
+                "wall_time_s": round(time.monotonic() - self.started, 1),
                 "checkpoints": {"evaluated": self.ckpt_path},
                 "reranker": self.reranker.describe(),
                 "metrics": {
