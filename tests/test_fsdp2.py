@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dalle_lightning import consolidate
 from dalle_lightning.checkpoints import is_sharded
 from tests.conftest import run_command, run_script, write_tiny_dvae
 from tests.test_dalle_train import SAME_ON_EVERY_RANK
@@ -56,17 +57,16 @@ def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def _consolidate(ckpt: Path) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "dalle_lightning.consolidate",
-        str(ckpt),
-        "--out",
-        f"{ckpt}.pt",
-    ]
-    done = run_command(command, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+def _consolidate(ckpt: Path, as_a_command: bool = False) -> dict:
+    """`python -m dalle_lightning.consolidate CKPT --out CKPT.pt`, then its output; in this
+    process unless `as_a_command` (each command costs a Python start and the torch import)."""
+    args = [str(ckpt), "--out", f"{ckpt}.pt"]
+    if as_a_command:
+        done = run_command([sys.executable, "-m", "dalle_lightning.consolidate", *args])
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"{ckpt}.pt: " in done.stdout and "python evaluate.py task=generate" in done.stdout
+    else:
+        assert consolidate.main(args) == Path(f"{ckpt}.pt")
     return torch.load(f"{ckpt}.pt", weights_only=True)
 
 
@@ -75,7 +75,7 @@ def plain(dvae, tmp_path_factory) -> tuple[Path, dict]:
     """The tiny prior under trainer=fsdp's defaults (4 steps) and its last checkpoint
     consolidated into `last.ckpt.pt`: trained once, read by the two tests below."""
     run = _prior(dvae, tmp_path_factory.mktemp("plain"), *FSDP)
-    return run, _consolidate(run / "checkpoints" / "last.ckpt")
+    return run, _consolidate(run / "checkpoints" / "last.ckpt", as_a_command=True)
 
 
 def test_fsdp2_shards_and_trains_the_prior_as_one_process_does_and_its_checkpoint_generates(

@@ -23,7 +23,11 @@ def test_cpu_parts_agree_with_the_fp32_reference():
 
 
 def test_a_mismatch_exits_1_and_names_it(monkeypatch, capsys):
+    """A drifting bf16 loss in part 1 is named and exits 1. Parts 2 and 4 (speed, decoding) are
+    left out: the problem checked is part 1's, and they cost most of the run on a CPU."""
     real = gpu_check.train_steps
+    monkeypatch.setattr(gpu_check, "speed", lambda *args: {})
+    monkeypatch.setattr(gpu_check, "decoding", lambda *args: {})
 
     def drifting(config, batch, device, precision, steps, seed=0):
         run = real(config, batch, device, precision, steps, seed)
