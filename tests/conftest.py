@@ -45,6 +45,17 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that runs a command's main in this process (benchmark, compare_dalle_pytorch) may
+    set torch's thread count: the next tests get back the count they would have had. Left at 2
+    in an xdist worker, it oversubscribed the cores (a 12 s test took 152 s)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     def make(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
