@@ -62,7 +62,8 @@ def _consolidate(ckpt: Path, as_a_command: bool = False) -> dict:
     process unless `as_a_command` (each command costs a Python start and the torch import)."""
     args = [str(ckpt), "--out", f"{ckpt}.pt"]
     if as_a_command:
-        done = run_command([sys.executable, "-m", "dalle_lightning.consolidate", *args])
+        command = [sys.executable, "-m", "dalle_lightning.consolidate", *args]
+        done = run_command(command, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"{ckpt}.pt: " in done.stdout and "python evaluate.py task=generate" in done.stdout
     else:
