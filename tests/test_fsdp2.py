@@ -99,10 +99,13 @@ def test_fsdp2_shards_and_trains_the_prior_as_one_process_does_and_its_checkpoin
     assert all(abs(local - total / 2) <= 0.02 * total for local, _ in held.values())
     assert "2 units + 2 fp32 islands + the root sharded over 2 ranks" in logs
     assert "samples" not in {p.name for p in fsdp.iterdir()}  # no sample grids under FSDP2
+    assert "attribute accuracy not measured while training: the prior is sharded" in logs
 
     summary, expected = _metrics(fsdp), _metrics(one)
     assert summary["global_step"] == expected["global_step"] == 4
     assert summary["metrics"]["val/loss"] == pytest.approx(expected["metrics"]["val/loss"], 1e-5)
+    assert "val/attributes_seen" not in summary["metrics"]
+    assert "val/attributes_seen" in expected["metrics"]  # one process samples
 
     last = fsdp / "checkpoints" / "last.ckpt"
     assert is_sharded(last) and len(list(last.glob("*.distcp"))) == 2  # one shard per rank

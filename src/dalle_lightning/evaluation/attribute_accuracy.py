@@ -11,9 +11,11 @@ dVAE. Writes metrics.json and one grid per split (real / dVAE reconstruction / g
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 from torchvision.utils import make_grid, save_image
 
 from dalle_lightning.config import require
@@ -44,6 +46,26 @@ def score(images: torch.Tensor, records: list[dict]) -> dict:
     rates = {k: passed[k] / checked[k] for k in sorted(checked)}
     rates["no_extra_object"] = 1 - extra_found / len(records)
     return {"accuracy": matches / len(records), "per_attribute": rates}
+
+
+def generated_matches(
+    model: DALLE,
+    dataset: Dataset,
+    indices: Sequence[int],
+    sampling: SamplingConfig,
+    seed: int,
+    batch_size: int = 64,
+) -> int:
+    """How many of the best-of-1 images drawn for the captions of items `indices` of a shapes
+    split match their records (the prior's side of `attribute_accuracy`, without references)."""
+    items = [dataset[i] for i in indices]
+    if not items:
+        return 0
+    captions, records = [it["caption"] for it in items], [it["record"] for it in items]
+    generated = model.generate(captions, 1, seed=seed, sampling=sampling, batch_size=batch_size)
+    return sum(
+        check_attributes(image, r).match for image, r in zip(generated.cpu(), records, strict=True)
+    )
 
 
 def attribute_accuracy(

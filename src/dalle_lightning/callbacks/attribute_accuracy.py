@@ -1,0 +1,93 @@
+"""Does the prior draw what its captions say, while it trains? (the built-in shapes only)
+
+At every validation of a prior (`DalleModule`) on the built-in shapes, one image is sampled
+for each of `num_captions` val captions (colour-shape pairs seen in training) and as many
+held-out captions (pairs never seen), with the sampling settings the checkpoint carries, and
+scored by the attribute checker: `val/attributes_seen` and `val/attributes_heldout`, in the
+loggers and, from the last validation, in metrics.json. A prior that lands on a poor run shows
+it here, without a separate `evaluate.py task=attributes` (docs/results.md).
+
+The ranks split the captions and add up their matches, so every rank logs the same value (a
+monitor can use it). Sampling draws from its own seeded generator, and the StepSeed callback
+re-seeds every training step, so training is the same with or without this check. Not run:
+during the sanity check, for other modules or datasets (no attribute records), and under
+FSDP2 (each sampled code would all-gather every block; evaluate the consolidated checkpoint).
+`evaluate.py task=attributes` stays the reference: 512 captions, the 0.5 one/two-object mix of
+the test split, where the val split here has this run's mix (0.7 under data_mix/dalle_shapes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from dalle_lightning.config import require_int
+from dalle_lightning.data.shapes import ShapesDataModule
+from dalle_lightning.evaluation.attribute_accuracy import generated_matches
+from dalle_lightning.modules.dalle_module import DalleModule
+from dalle_lightning.modules.fsdp2 import sharded
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"seen": "val", "heldout": "heldout"}
+
+
+class AttributeAccuracy(pl.Callback):
+    def __init__(self, num_captions: int = 128, seed: int = 0, batch_size: int = 64):
+        require_int("num_captions", num_captions, 1)
+        require_int("batch_size", batch_size, 1)
+        self.num_captions, self.seed, self.batch_size = num_captions, seed, batch_size
+        self._said_why_not = False
+
+    def _shapes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> ShapesDataModule | None:
+        """The shapes datamodule behind a prior's token batches, or None (and why, once)."""
+        images = getattr(trainer.datamodule, "images", None)
+        why = None
+        if not isinstance(pl_module, DalleModule):
+            return None  # stage 1 and CLIP: nothing to say
+        if not isinstance(images, ShapesDataModule):
+            why = "the data is not the built-in shapes (no attribute records)"
+        elif sharded(pl_module.model.prior):
+            why = "the prior is sharded (FSDP2): evaluate the consolidated checkpoint"
+        if why is None:
+            return images
+        if not self._said_why_not:
+            log.info("attribute accuracy not measured while training: %s", why)
+            self._said_why_not = True
+        return None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or (shapes := self._shapes(trainer, pl_module)) is None:
+            return
+        started = time.monotonic()
+        shapes.setup()
+        model = pl_module.model
+        rank, world = trainer.global_rank, trainer.world_size
+        n = min(self.num_captions, *(len(shapes.datasets[s]) for s in SPLITS.values()))
+        counts = []
+        for split in SPLITS.values():
+            mine = range(rank, n, world)  # the ranks split the captions
+            matches = generated_matches(
+                model, shapes.datasets[split], mine, model.sampling, self.seed, self.batch_size
+            )
+            counts.append(float(matches))
+        total = trainer.strategy.reduce(
+            torch.tensor(counts, device=pl_module.device), reduce_op="sum"
+        )
+        accuracy = {
+            f"val/attributes_{name}": float(t) / n for name, t in zip(SPLITS, total, strict=True)
+        }
+        pl_module.log_dict(accuracy, sync_dist=True)  # equal on every rank: the mean is it
+        log.info(
+            "step %d: attributes seen %.1f%%, held-out %.1f%% (%d captions each, %.1f s)",
+            trainer.global_step,
+            100 * accuracy["val/attributes_seen"],
+            100 * accuracy["val/attributes_heldout"],
+            n,
+            time.monotonic() - started,
+        )
