@@ -14,6 +14,9 @@ during the sanity check, for other modules or datasets (no attribute records), a
 FSDP2 (each sampled code would all-gather every block; evaluate the consolidated checkpoint).
 `evaluate.py task=attributes` stays the reference: 512 captions, the 0.5 one/two-object mix of
 the test split, where the val split here has this run's mix (0.7 under data_mix/dalle_shapes).
+With evaluate.py's seed (1234, the default here too), `evaluate.py task=attributes
+num_captions=128 dataset.two_object_prob=0.7 ckpt_path=<run>/checkpoints/last.ckpt` draws the
+held-out images of the last validation again (one process; ranks split the captions).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ SPLITS = {"seen": "val", "heldout": "heldout"}
 
 
 class AttributeAccuracy(pl.Callback):
-    def __init__(self, num_captions: int = 128, seed: int = 0, batch_size: int = 64):
+    def __init__(self, num_captions: int = 128, seed: int = 1234, batch_size: int = 64):
         require_int("num_captions", num_captions, 1)
         require_int("batch_size", batch_size, 1)
         self.num_captions, self.seed, self.batch_size = num_captions, seed, batch_size
