@@ -53,6 +53,11 @@ BAD_TRAIN = [
     ("dataset.batch_size=0", "dataset.batch_size", ">= 1"),
     ("callbacks.nonfinite_guard.max_in_row=0", "callbacks.nonfinite_guard.max_in_row", ">= 1"),
     ("callbacks.model_checkpoint.save_top_k=-2", "callbacks.model_checkpoint", "save_top_k"),
+    (
+        "callbacks.attribute_accuracy.num_captions=0",
+        "callbacks.attribute_accuracy.num_captions",
+        ">= 1",
+    ),
     ("ckpt_path=/no/such.ckpt", "ckpt_path", "an existing checkpoint file"),
     ("resume=true ckpt_path=/no/such.ckpt", "resume", "one or the other"),
     ("model=clip model.optimizer.lr=-1", "model.optimizer.lr", ">= 1e-12"),
@@ -74,6 +79,7 @@ BAD_TRAIN = [
 # checked while the objects are built, after Lightning is imported: the rest is refused before
 BUILT = {"optimized_metric", "dataset.batch_size", "callbacks.nonfinite_guard.max_in_row"}
 BUILT |= {"callbacks.model_checkpoint", "model._target_"}
+BUILT |= {"callbacks.attribute_accuracy.num_captions"}
 
 
 @pytest.mark.parametrize(("override", "field", "allowed"), BAD_TRAIN)

@@ -42,6 +42,7 @@ class AttributeAccuracy(pl.Callback):
     def __init__(self, num_captions: int = 128, seed: int = 1234, batch_size: int = 64):
         require_int("num_captions", num_captions, 1)
         require_int("batch_size", batch_size, 1)
+        require_int("seed", seed, 0)
         self.num_captions, self.seed, self.batch_size = num_captions, seed, batch_size
         self._said_why_not = False
 
