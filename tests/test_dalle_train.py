@@ -368,7 +368,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_its_checkpoint_generat
     summary = json.loads((run / "metrics.json").read_text())
     expected = json.loads((single / "metrics.json").read_text())
     assert summary["metrics"]["val/loss"] == pytest.approx(expected["metrics"]["val/loss"], 1e-5)
-    # the ranks split the attribute check's captions and add up their matches (all-reduce)
+    # the attribute check ran under two gloo ranks (its split: tests/test_attribute_accuracy.py)
     for name in ("seen", "heldout"):
         assert 0 <= summary["metrics"][f"val/attributes_{name}"] <= 1
     raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
