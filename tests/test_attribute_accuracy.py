@@ -87,6 +87,53 @@ def test_the_check_scores_val_and_heldout_captions_split_over_the_ranks(world):
         assert logged[-1] == {"val/attributes_seen": 1.0, "val/attributes_heldout": 1.0}
 
 
+@pytest.mark.parametrize(
+    ("marks", "low"),
+    [
+        ((0.9, 0.95), ["seen 83.3% (below 90%)", "held-out 91.7% (below 95%)"]),
+        ((None, 0.95), ["held-out 91.7% (below 95%)"]),
+        ((0.8, 0.9), []),  # at or above both marks
+        ((None, None), []),  # no marks: never
+    ],
+)
+def test_a_last_check_below_its_marks_warns_at_the_end_of_training(caplog, marks, low):
+    """Seen 10 / 12 and held-out 11 / 12 right: the warning names each share below its mark,
+    says what to do, comes once from rank 0 at the end of training, and not before a check."""
+    shapes = ShapesDataModule(image_size=64, num_val=N, num_heldout=N)
+    shapes.setup()
+    wrong = {shapes.datasets["val"][i]["caption"] for i in (0, 5)}
+    wrong.add(shapes.datasets["heldout"][3]["caption"])
+    module = tiny_module()
+    module.model.generate = oracle(shapes, wrong, [])
+    module.log_dict = lambda *args, **kwargs: None
+    callback = AttributeAccuracy(N, 5, 3, warn_seen_below=marks[0], warn_heldout_below=marks[1])
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        datamodule=SimpleNamespace(images=shapes),
+        global_rank=0,
+        world_size=1,
+        strategy=SummingRanks(),
+        global_step=40,
+        is_global_zero=True,
+    )
+    caplog.set_level(logging.WARNING)
+    callback.on_train_end(trainer, module)  # no check yet: nothing to say
+    callback.on_validation_epoch_end(trainer, module)
+    assert callback.last == {"seen": 10 / 12, "heldout": 11 / 12}
+    callback.on_train_end(SimpleNamespace(is_global_zero=False), module)  # other ranks: quiet
+    assert caplog.records == []
+    callback.on_train_end(trainer, module)
+    said = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    if not low:
+        assert said == [] and callback.verdict() is None
+        return
+    assert len(said) == 1
+    assert said[0].startswith(f"the last attribute check (step 40, {N} captions each) read ")
+    assert said[0].split(" read ")[1].split(": ")[0] == ", ".join(low)
+    assert "python train.py model=dalle seed=<another>" in said[0]
+    assert "task=attributes num_captions=512" in said[0]
+
+
 def test_not_run_in_the_sanity_check_nor_for_other_data_or_stages(caplog):
     caplog.set_level(logging.INFO)
     module, called = tiny_module(), []

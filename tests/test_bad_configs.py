@@ -58,6 +58,11 @@ BAD_TRAIN = [
         "callbacks.attribute_accuracy.num_captions",
         ">= 1",
     ),
+    (
+        "callbacks.attribute_accuracy.warn_heldout_below=70",
+        "callbacks.attribute_accuracy.warn_heldout_below",
+        "[0.0, 1.0]",
+    ),
     ("ckpt_path=/no/such.ckpt", "ckpt_path", "an existing checkpoint file"),
     ("resume=true ckpt_path=/no/such.ckpt", "resume", "one or the other"),
     ("model=clip model.optimizer.lr=-1", "model.optimizer.lr", ">= 1e-12"),
@@ -79,7 +84,10 @@ BAD_TRAIN = [
 # checked while the objects are built, after Lightning is imported: the rest is refused before
 BUILT = {"optimized_metric", "dataset.batch_size", "callbacks.nonfinite_guard.max_in_row"}
 BUILT |= {"callbacks.model_checkpoint", "model._target_"}
-BUILT |= {"callbacks.attribute_accuracy.num_captions"}
+BUILT |= {
+    "callbacks.attribute_accuracy.num_captions",
+    "callbacks.attribute_accuracy.warn_heldout_below",
+}
 
 
 @pytest.mark.parametrize(("override", "field", "allowed"), BAD_TRAIN)
