@@ -121,7 +121,9 @@ class AttributeAccuracy(pl.Callback):
         )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (message := self.verdict()) is not None and trainer.is_global_zero:
+        # only about the weights training ends with (not a check before a time limit's stop)
+        final = trainer.global_step == self.last_step
+        if final and trainer.is_global_zero and (message := self.verdict()) is not None:
             log.warning(message)
 
     def verdict(self) -> str | None:
