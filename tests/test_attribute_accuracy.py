@@ -121,10 +121,11 @@ def test_a_last_check_below_its_marks_warns_at_the_end_of_training(caplog, marks
     callback.on_train_end(trainer, module)  # no check yet: nothing to say
     callback.on_validation_epoch_end(trainer, module)
     assert callback.last == {"seen": 10 / 12, "heldout": 11 / 12}
+    # other ranks stay quiet, and nothing is said about weights that trained on after the
+    # check (a stop between validations)
     callback.on_train_end(SimpleNamespace(is_global_zero=False, global_step=40), module)
-    # nor about weights that trained on after the check (a stop between validations)
     callback.on_train_end(SimpleNamespace(is_global_zero=True, global_step=41), module)
-    assert caplog.records == []  # other ranks: quiet
+    assert caplog.records == []
     callback.on_train_end(trainer, module)
     said = [r.message for r in caplog.records if r.levelno == logging.WARNING]
     if not low:
