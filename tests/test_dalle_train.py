@@ -4,11 +4,13 @@ checkpoints that rebuild DALL-E alone, generation, and the user errors."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from dalle_lightning.checkpoints import file_sha256
 from dalle_lightning.data.shapes import ShapesDataModule
@@ -17,7 +19,7 @@ from dalle_lightning.evaluate import evaluate
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.models.dvae import DVAE, DVAEConfig
 from dalle_lightning.models.transformer import PriorConfig
-from dalle_lightning.modules.dalle_module import DalleModule
+from dalle_lightning.modules.dalle_module import DalleModule, expect_frozen_in_eval
 from dalle_lightning.modules.losses import PriorLoss
 from dalle_lightning.modules.schedules import PriorSchedule
 from dalle_lightning.sampling.sampler import SamplingConfig
@@ -156,15 +158,37 @@ def test_bpe_dropout_in_the_training_loader_only(tiny_dvae, tmp_path):
     assert torch.equal(val_batch["text"], dm.tokenizer.encode(val_batch["caption"]))
 
 
-def test_fast_dev_run_dalle(make_cfg, tiny_dvae, tmp_path):
+def test_fast_dev_run_dalle(make_cfg, tiny_dvae, tmp_path, recwarn):
     cfg = make_cfg(["model=dalle", "debug=fdr", f"model.dvae_ckpt={tiny_dvae}", *DATA, *NET])
     value, summary = train(cfg)
+    # the frozen dVAE is in eval mode by design: Lightning's warning about it is silenced
+    assert not [w for w in recwarn if "in eval mode" in str(w.message)]
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     for key in ("train/text_loss", "train/image_loss", "val/loss", "test/image_loss"):
         assert metrics[key] is not None, key
     assert value == metrics["val/loss"]
     # untrained: about ln(vocabulary) per token
     assert abs(metrics["val/image_loss"] - torch.tensor(32.0).log().item()) < 0.5
+
+
+def test_only_the_frozen_dvae_in_eval_mode_is_expected():
+    """Lightning's eval-mode warning is silenced for the frozen dVAE's modules alone: with a
+    prior block in eval mode too, the count differs and the warning stays."""
+    message = "Found {} module(s) in eval mode at the start of training."
+    module = tiny_module()
+    frozen = sum(1 for _ in module.model.dvae.modules())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.model.dvae.eval()
+        expect_frozen_in_eval(module, "model.dvae")
+        warnings.warn(message.format(frozen), PossibleUserWarning, stacklevel=1)
+        assert not caught
+        module.model.prior.blocks[0].eval()
+        expect_frozen_in_eval(module, "model.dvae")  # not only the dVAE: nothing silenced
+        in_eval = sum(not m.training for m in module.modules())
+        assert in_eval > frozen
+        warnings.warn(message.format(in_eval), PossibleUserWarning, stacklevel=1)
+        assert [str(w.message) for w in caught] == [message.format(in_eval)]
 
 
 def test_training_checkpoint_rebuilds_dalle_and_generates(

@@ -15,13 +15,15 @@ warmed up linearly then halved on plateaus of val/loss (`schedules.PriorSchedule
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 
 from dalle_lightning.checkpoints import dalle_entries
@@ -96,9 +98,9 @@ class DalleModule(LightningModule):
         n = self.num_sample_captions
         self._sample_captions = datamodule.split_tokens("val")["captions"][:n] if n else []
 
-    @rank_zero_only
     def on_fit_start(self) -> None:
-        if self.model.tokenizer is not None:
+        expect_frozen_in_eval(self, "model.dvae")
+        if self.trainer.is_global_zero and self.model.tokenizer is not None:
             self.model.tokenizer.save(Path(self.trainer.default_root_dir) / "tokenizer.json")
 
     # objective -----------------------------------------------------------------------------
@@ -260,3 +262,18 @@ class DalleModule(LightningModule):
                 datamodule.tokenizer = self.model.tokenizer
         if "lr_plateau" in checkpoint:
             self.plateau.load(checkpoint["lr_plateau"])
+
+
+def expect_frozen_in_eval(module: nn.Module, frozen: str) -> None:
+    """Lightning warns, as fitting starts, about every module in eval mode. The frozen dVAE's
+    are, by design: it only encodes the token cache and decodes sample grids, and it has no
+    dropout or normalisation whose mode would matter. When the modules in eval mode are exactly
+    those under `frozen`, that warning is silenced for their count alone, so a prior module
+    left in eval mode still gets it (with a larger count)."""
+    in_eval = [name for name, sub in module.named_modules() if not sub.training]
+    if in_eval and all(name == frozen or name.startswith(frozen + ".") for name in in_eval):
+        warnings.filterwarnings(
+            "ignore",
+            message=re.escape(f"Found {len(in_eval)} module(s) in eval mode"),
+            category=PossibleUserWarning,
+        )
