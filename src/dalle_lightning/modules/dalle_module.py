@@ -267,9 +267,9 @@ class DalleModule(LightningModule):
 def expect_frozen_in_eval(module: nn.Module, frozen: str) -> None:
     """Lightning warns, as fitting starts, about every module in eval mode. The frozen dVAE's
     are, by design: it only encodes the token cache and decodes sample grids, and it has no
-    dropout or normalisation whose mode would matter. When the modules in eval mode are exactly
-    those under `frozen`, that warning is silenced for their count alone, so a prior module
-    left in eval mode still gets it (with a larger count)."""
+    dropout or normalisation whose mode would matter. When every module in eval mode is under
+    `frozen`, that warning is silenced for their count alone, so a prior module left in eval
+    mode still gets it (with a larger count)."""
     in_eval = [name for name, sub in module.named_modules() if not sub.training]
     if in_eval and all(name == frozen or name.startswith(frozen + ".") for name in in_eval):
         warnings.filterwarnings(
