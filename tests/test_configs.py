@@ -237,16 +237,16 @@ def test_each_stage_has_its_own_step_budget(make_cfg, overrides, steps, batch):
 @pytest.mark.parametrize(
     ("overrides", "two_object_prob", "num_train"),
     [
-        (["model=dalle"], 0.7, 72_000),  # data_mix/dalle_shapes.yaml
+        (["model=dalle"], 0.7, 16_000),  # data_mix/dalle_shapes.yaml: the mix, not the size
         (["model=dvae"], 0.5, 16_000),  # no data_mix/dvae_shapes.yaml: the dataset's own
         (["model=clip"], 0.5, 16_000),
-        (["model=dalle", "dataset.two_object_prob=0.3"], 0.3, 72_000),  # the command line wins
-        (["model=dalle", "dataset.num_train=16000"], 0.7, 16_000),
+        (["model=dalle", "dataset.two_object_prob=0.3"], 0.3, 16_000),  # the command line wins
+        (["model=dalle", "dataset.num_train=72000"], 0.7, 72_000),
         (["model=dalle", "experiment=shapes_quick"], 0.7, 4_000),  # experiments win
         (["model=dalle", "dataset=coco"], None, None),  # shapes only: COCO has no such fields
     ],
 )
-def test_the_prior_trains_on_more_shapes_and_more_two_object_ones(
+def test_the_prior_trains_on_more_two_object_captions(
     make_cfg, overrides, two_object_prob, num_train
 ):
     dataset = make_cfg(overrides).dataset
