@@ -191,6 +191,27 @@ def test_multirun_makes_one_run_dir_per_value(tmp_path):
     assert ["model.net.n_hid=8" in n_hids[0], "model.net.n_hid=16" in n_hids[1]] == [True, True]
 
 
+def test_lightning_lines_are_printed_once_and_kept_in_the_run_log(tmp_path):
+    """Lightning's own console handler and Hydra's printed each of its lines twice; its tips,
+    torch's LeafSpec FutureWarning and the `limit_*_batches=1.0` notes said nothing about the
+    run (lightning_messages.py, conf/trainer/default.yaml)."""
+    result = run_script(
+        "train.py",
+        *TINY,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        f"paths.log_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    assert console.count("GPU available:") == 1, console[-3000:]
+    assert console.count("Restoring states from the checkpoint path") == 1  # the test's
+    for noise in ("Tip:", "litlogger", "LeafSpec", "was configured so"):
+        assert noise not in console, noise
+    (log_file,) = tmp_path.glob("train_dvae/runs/*/train_dvae.log")
+    assert log_file.read_text().count("GPU available:") == 1  # still in the run's log
+
+
 def test_ema_callback_trains_and_checkpoints(make_cfg):
     cfg = make_cfg(
         [

@@ -39,6 +39,7 @@ from dalle_lightning.evaluation.generate import generate_grids
 from dalle_lightning.evaluation.protocol import ProtocolConfig
 from dalle_lightning.evaluation.rerank_metrics import evaluate_metrics
 from dalle_lightning.instantiate import build, build_all
+from dalle_lightning.lightning_messages import route_lightning_messages
 from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.preflight import (
     check_evaluate,
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict:
     started = time.monotonic()
     keep_freed_memory()  # as train.py does (allocator.py); generation speed is unchanged by it
+    route_lightning_messages()  # each of Lightning's lines once, no tips
     check_evaluate(cfg)  # evaluate.py ran it before importing Lightning; direct callers did not
     task = {
         "metrics": _metrics,

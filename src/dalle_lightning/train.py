@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from dalle_lightning.allocator import keep_freed_memory
 from dalle_lightning.instantiate import build, build_all, check_monitored
+from dalle_lightning.lightning_messages import route_lightning_messages
 from dalle_lightning.preflight import check_train
 from dalle_lightning.runs import (
     collect_metrics,
@@ -36,6 +37,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     """Fit and test the configured module; returns (value of cfg.optimized_metric, summary)."""
     started = time.monotonic()
     keep_freed_memory()  # CPU steps reuse freed memory (allocator.py)
+    route_lightning_messages()  # each of Lightning's lines once, no tips
     check_train(cfg)  # train.py ran it before importing Lightning; direct callers did not
     ckpt_path, resumed_step = resume_checkpoint(cfg)
     output_dir = Path(cfg.paths.output_dir)
