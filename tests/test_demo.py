@@ -280,3 +280,4 @@ def test_demo_without_a_prior_says_how_to_get_one(tmp_path):
     assert result.returncode == 2
     assert "ckpt_path=None is invalid: a stage-2 checkpoint" in result.stderr
     assert "python train.py model=dalle" in result.stderr
+    assert f"none found under {tmp_path / 'train_dalle'}:" in result.stderr  # where it looked

@@ -16,6 +16,7 @@ module must not import Lightning: a test runs it in a fresh process and checks.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
@@ -91,8 +92,8 @@ def prior_checkpoint(cfg: DictConfig) -> str:
         ckpt_path is not None,
         "ckpt_path",
         None,
-        "a stage-2 checkpoint (none found under logs/train_dalle: run "
-        "`python train.py model=dalle` first)",
+        f"a stage-2 checkpoint (none found under {Path(cfg.paths.log_dir) / 'train_dalle'}: "
+        "run `python train.py model=dalle` first, or pass ckpt_path=PATH)",
     )
     require_file(ckpt_path, "ckpt_path", "an existing stage-2 checkpoint file")
     return str(ckpt_path)
