@@ -258,6 +258,20 @@ def test_the_prior_trains_on_more_two_object_captions(
     )
 
 
+def test_an_experiment_overrides_what_data_mix_sets(make_cfg, tmp_path):
+    """train.yaml lists `experiment` after `data_mix`, so an experiment's value of a key that
+    data_mix sets wins (none of the shipped experiments sets one: a probe experiment on an extra
+    search path does), and the command line wins over both."""
+    (tmp_path / "probe" / "experiment").mkdir(parents=True)
+    (tmp_path / "probe" / "experiment" / "mix_probe.yaml").write_text(
+        "# @package _global_\ndataset:\n  two_object_prob: 0.2\n"
+    )
+    search = f"hydra.searchpath=[file://{tmp_path / 'probe'}]"
+    probe = ["model=dalle", "experiment=mix_probe", search]
+    assert make_cfg(probe).dataset.two_object_prob == 0.2  # data_mix's 0.7 without it
+    assert make_cfg([*probe, "dataset.two_object_prob=0.4"]).dataset.two_object_prob == 0.4
+
+
 def test_evaluation_scores_on_the_shapes_own_mix(make_cfg):
     assert make_cfg([], config_name="evaluate").dataset.two_object_prob == 0.5
 
