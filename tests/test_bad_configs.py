@@ -10,6 +10,7 @@ import pytest
 
 from dalle_lightning.config import ConfigError
 from dalle_lightning.evaluate import evaluate
+from dalle_lightning.preflight import check_evaluate, check_train
 from dalle_lightning.train import train
 from tests.conftest import ROOT, run_command
 
@@ -99,6 +100,25 @@ def test_bad_value_fails_before_any_work(make_cfg, tmp_path, override, field, al
     message = str(err.value)
     assert "\n" not in message and allowed in message
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("option", ["coco", "cub", "folder"])
+def test_a_missing_dataset_root_is_refused_by_the_checks_before_lightning(
+    make_cfg, tmp_path, option
+):
+    """train.py and evaluate.py run these checks before importing Lightning (the fresh-process
+    test below): a mistyped `dataset.root` fails there, in seconds, not after the import."""
+    cfg = make_cfg([f"dataset={option}", f"dataset.root={tmp_path / 'absent'}", "logger=none"])
+    with pytest.raises(ConfigError, match=r"^dataset.root=.*absent.*an existing folder") as err:
+        check_train(cfg)
+    assert err.value.field == "dataset.root"
+    with pytest.raises(ConfigError, match="^dataset.root="):
+        train(cfg)
+    root = f"dataset.root={tmp_path / 'absent'}"
+    cfg = make_cfg(["task=reference_stats", f"dataset={option}", root], config_name="evaluate")
+    with pytest.raises(ConfigError, match="^dataset.root=.*absent"):
+        check_evaluate(cfg)
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
 
 
 BAD_EVALUATE = [

@@ -37,6 +37,7 @@ def check_train(cfg: DictConfig) -> None:
     check_trainer(cfg)
     checkpoint_to_resume(cfg)
     stage_settings(cfg)
+    dataset_root(cfg)
 
 
 def check_evaluate(cfg: DictConfig) -> None:
@@ -60,6 +61,8 @@ def check_evaluate(cfg: DictConfig) -> None:
     if cfg.task in ("generate", "attributes", "metrics"):
         sampling_request(cfg)
         prior_checkpoint(cfg)
+    if cfg.task != "generate":  # every other task reads the dataset
+        dataset_root(cfg)
     if cfg.task == "reconstruction":
         require_choice("split", cfg.split, SPLITS)
         require_file(
@@ -68,6 +71,15 @@ def check_evaluate(cfg: DictConfig) -> None:
             "an existing checkpoint, e.g. logs/train_dvae/runs/<timestamp>/checkpoints/last.ckpt",
         )
         check_trainer(cfg)
+
+
+def dataset_root(cfg: DictConfig) -> None:
+    """The folder of a dataset read from disk (coco, cub, folder: `dataset.root`) exists. Its
+    datamodule checks the same when it is built, after Lightning's import and the checkpoint's
+    load (~10 s on a 2-core CPU); here a missing or mistyped path fails in the first seconds."""
+    root = cfg.dataset.get("root")
+    if root is not None:
+        require(Path(root).is_dir(), "dataset.root", root, "an existing folder (docs/data.md)")
 
 
 def protocol_config(cfg: DictConfig) -> ProtocolConfig:
