@@ -30,7 +30,7 @@ class StepSeed(pl.Callback):
         if pl_module.device.type == "cpu":
             # the generator CPU ops draw from; torch.manual_seed would also queue a seed for
             # every accelerator not started (CUDA, XPU, MTIA), each with a formatted stack
-            # trace: ~1.5 ms a step on a 2-core CPU (docs/speed.md)
+            # trace: 0.8-1.8 ms a step on a 2-core CPU (docs/speed.md)
             torch.default_generator.manual_seed(value)
         else:
             torch.manual_seed(value)
