@@ -18,6 +18,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -123,3 +124,10 @@ def require_float(
 
 def require_choice(field: str, value: Any, choices: tuple | list) -> None:
     require(value in choices, field, value, "one of " + ", ".join(map(str, choices)))
+
+
+def require_dataset_root(root: Any) -> None:
+    """`dataset.root` of a dataset read from disk (coco, cub, folder) is a folder: checked by
+    preflight before Lightning's import and by the datamodule for direct callers."""
+    ok = root is not None and Path(root).is_dir()
+    require(ok, "dataset.root", root, "an existing folder (docs/data.md)")

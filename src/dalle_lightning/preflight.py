@@ -21,7 +21,13 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from dalle_lightning.checkpoints import require_file
-from dalle_lightning.config import require, require_choice, require_int, typed
+from dalle_lightning.config import (
+    require,
+    require_choice,
+    require_dataset_root,
+    require_int,
+    typed,
+)
 from dalle_lightning.evaluation.protocol import ProtocolConfig
 from dalle_lightning.instantiate import check_run, check_trainer
 from dalle_lightning.runs import checkpoint_to_resume, latest_checkpoint
@@ -77,9 +83,8 @@ def dataset_root(cfg: DictConfig) -> None:
     """The folder of a dataset read from disk (coco, cub, folder: `dataset.root`) exists. Its
     datamodule checks the same when it is built, after Lightning's import and the checkpoint's
     load (~10 s on a 2-core CPU); here a missing or mistyped path fails in the first seconds."""
-    root = cfg.dataset.get("root")
-    if root is not None:
-        require(Path(root).is_dir(), "dataset.root", root, "an existing folder (docs/data.md)")
+    if cfg.dataset.get("root") is not None:
+        require_dataset_root(cfg.dataset.root)
 
 
 def protocol_config(cfg: DictConfig) -> ProtocolConfig:

@@ -29,7 +29,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dalle_lightning.config import require, require_choice, require_float, require_int
+from dalle_lightning.config import (
+    require_choice,
+    require_dataset_root,
+    require_float,
+    require_int,
+)
 from dalle_lightning.data.datamodule import ImageTextDataModule
 from dalle_lightning.data.quality import BadImage, audit, check_bad_fraction, load_rgb
 from dalle_lightning.data.transforms import TRANSFORMS, EvalTransform
@@ -107,7 +112,7 @@ class CaptionedImagesDataModule(ImageTextDataModule):
         self.max_image_pixels, self.max_bad_fraction = max_image_pixels, max_bad_fraction
         self.reports: dict[str, dict] = {}
         require_choice("dataset.train_transform", train_transform, tuple(TRANSFORMS))
-        require(Path(root).is_dir(), "dataset.root", root, "an existing folder (docs/data.md)")
+        require_dataset_root(root)
         self.root, self.image_size, self.train_transform = Path(root), image_size, train_transform
         self._items: dict[str, list[CaptionedImage]] = {}
 
