@@ -122,6 +122,37 @@ def test_residual_post_gain_is_one_over_layers_squared():
     assert model.encoder.blocks.group_1.block_1.post_gain == pytest.approx(1 / 36)
 
 
+@pytest.mark.parametrize("n_layers, bitwise", [(4, True), (8, True), (6, False)])
+@pytest.mark.parametrize("upsample_input", [False, True])
+def test_the_residual_sum_is_id_plus_post_gain_times_res(n_layers, bitwise, upsample_input):
+    """The block adds post_gain * res_path in one op (`torch.add(alpha=)`): with a power-of-two
+    post_gain (4 or 8 layers: the default's and the paper's) its outputs and gradients are
+    bitwise those of the two ops `id + post_gain * res`; otherwise equal to one rounding."""
+    torch.manual_seed(0)
+    kernels = (1, 3, 3, 3) if upsample_input else (3, 3, 3, 1)
+    block = ResBlock(32, 16, n_layers, kernels, upsample_input=upsample_input)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    if upsample_input:
+        identity = upsample2x(block.id_path(x))
+        res = block.res_path[2:](upsample2x(block.res_path[:2](x)))
+    else:
+        identity, res = block.id_path(x), block.res_path(x)
+    ref, out = identity + block.post_gain * res, block(x)
+    weight = torch.randn_like(out)
+    params = [x, *block.parameters()]
+    grads = torch.autograd.grad((out * weight).sum(), params)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), params)
+    if bitwise:
+        assert torch.equal(out, ref)
+        assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
 def test_paper_sizes_give_32x32_grid_of_8192_codes():
     cfg = DVAEConfig(
         image_size=256, vocab_size=8192, n_hid=256, n_init=128, group_count=4, n_blk_per_group=2
