@@ -153,9 +153,10 @@ class ResBlock(nn.Module):
         self.res_path = nn.Sequential(layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        # id + post_gain * res as one op (`alpha` scales inside the add): bitwise the two ops when
-        # post_gain is a power of two (4 or 8 layers, the default's and the paper's), one
-        # rounding fewer otherwise; no tensor for the scaled residual (docs/speed.md)
+        # id + post_gain * res as one op (`alpha` scales inside the add), no tensor for the
+        # scaled residual (docs/speed.md): bitwise the two ops when post_gain is a power of two
+        # (4 or 8 layers: the default's, the paper's; the scaling is exact above float32's
+        # subnormals), at most one rounding apart otherwise
         if not self.upsample_input:
             return torch.add(self.id_path(x), self.res_path(x), alpha=self.post_gain)
         identity = upsample2x(self.id_path(x))
