@@ -1,5 +1,6 @@
-"""Every `python train.py ...` / `python evaluate.py ...` command in README.md and docs/
-composes against conf/ (no training): the documentation cannot drift from the configs.
+"""Every `python train.py ...` / `python evaluate.py ...` command in README.md,
+CONTRIBUTING.md and docs/ composes against conf/ (no training): the documentation cannot
+drift from the configs.
 
 Commands are taken from code blocks (with their `\\` continuations, `&&` chains and `#`
 comments) and from inline code spans. Placeholders such as `<timestamp>` become a plain
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from dalle_lightning.cli import check_group_choices
 from tests.conftest import CONF_DIR, ROOT, compose_config
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate"}
 RUNNERS = ("python", "python3", "torchrun")
 FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
