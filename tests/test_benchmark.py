@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
 from dalle_lightning import benchmark
 from dalle_lightning.benchmark import main
+from dalle_lightning.models.dalle import DALLE
 from dalle_lightning.sampling.static_decoder import StaticDecoder
 from tests.conftest import ROOT
 
@@ -81,8 +83,13 @@ def test_generate_samples_a_trained_checkpoint_with_its_own_settings(capsys):
     """--ckpt: the file's prior, dVAE and sampling (a stage-2 checkpoint of an older main)."""
     legacy = ROOT / "tests" / "fixtures" / "legacy" / "dalle_main_d5d9626.ckpt"
     main([*TINY, "--only", "generate", "--ckpt", str(legacy), "--jacobi-window", "2"])
-    generate = json.loads(capsys.readouterr().out)["generate"]
+    out = json.loads(capsys.readouterr().out)
+    generate, model = out["generate"], DALLE.from_checkpoint(legacy, "cpu")
     assert generate["images_per_s"] > 0 and 1.0 <= generate["codes_per_forward"] <= 2.0
+    # reported as the file's, not the random models' that `config` describes
+    parameters = sum(p.numel() for p in model.prior.parameters())
+    assert generate["ckpt_prior_parameters"] == parameters != out["config"]["prior_parameters"]
+    assert generate["ckpt_sampling"] == {**asdict(model.sampling), "jacobi_window": 2}
 
 
 def test_generate_with_the_static_decoder_and_its_errors(capsys, monkeypatch):

@@ -9,7 +9,8 @@ generate     sampling a full image per caption with the KV cache, plus dVAE deco
              seconds_per_batch, images_per_s (complete decoded images per second) and
              codes_per_forward (> 1 with --jacobi-window W: speculative Jacobi decoding);
              --ckpt PATH samples a trained stage-2 checkpoint instead (its prior, dVAE and
-             sampling settings, shapes validation captions); --decoder static |
+             sampling settings, shapes validation captions; reported as ckpt_prior_parameters
+             and ckpt_sampling, `config` keeping the random models'); --decoder static |
              static-compiled: the static-shape step (static_decoder.py) instead
 dvae_train   one AdamW step of the dVAE (Gumbel-softmax, logit-Laplace + KL): images_per_s
 dvae_encode  argmax codes of images: images_per_s
@@ -29,7 +30,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -180,7 +181,11 @@ def generate_speed(args: argparse.Namespace, prior, dvae, text, t: Callable) -> 
 
     s = t(generate)
     codes_per_forward = (side * side - 1) / statistics.mean(forwards)
-    return {"seconds_per_batch": s, "images_per_s": B / s, "codes_per_forward": codes_per_forward}
+    out = {"seconds_per_batch": s, "images_per_s": B / s, "codes_per_forward": codes_per_forward}
+    if args.ckpt is not None:  # `config` below describes the random models; this is the file's
+        out["ckpt_prior_parameters"] = sum(p.numel() for p in prior.parameters())
+        out["ckpt_sampling"] = asdict(sampling)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
